@@ -1,0 +1,31 @@
+# The README's two commands: `make run` and `make test`. Each creates .venv when it is
+# missing and installs the project into it (pinned torch/torchvision from constraints.txt);
+# both are quick once the venv exists.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.stitchbench-installed
+
+.PHONY: install run test bench lint clean-runs
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/stitchbench run
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks --benchmark-only -s
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check stitchbench plugins tests benchmarks
+
+clean-runs:
+	rm -rf mlruns/mlflow.db mlruns/artifacts mlruns/cache

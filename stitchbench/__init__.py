@@ -1,0 +1,82 @@
+"""stitchbench: compare neural-network representations by model stitching and by
+structural similarity indices, with the checks of Balogh & Jelasity (AAAI 2025).
+
+Public API (stable)::
+
+    stitchbench.list_plugins(kind=None)   # -> [PluginInfo(name, kind, origin, description)]
+    stitchbench.get_plugin("lcka")        # -> the registered object
+    stitchbench.hookimpl                  # marker for plugin hook implementations
+
+Base classes for plugins: DatasetPlugin, ArchitecturePlugin, Matcher, SimilarityIndex,
+Evaluation (and Params for their parameters). Torch-based helpers (LoadedDataset,
+TensorSplit, StitchableNetwork, StitchingLayer, StitchingProblem, RunContext) are imported
+lazily, so ``import stitchbench`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import pluggy
+
+from .errors import ConfigError, JobError, PluginError, StitchbenchError, UsageError
+from .plugin_types import (
+    KINDS,
+    ArchitecturePlugin,
+    DatasetPlugin,
+    Evaluation,
+    EvaluationResult,
+    IndexContext,
+    Matcher,
+    Params,
+    Plugin,
+    SimilarityIndex,
+)
+from .plugins import PluginInfo, get_plugin, list_plugins
+
+__version__ = "0.1.0"
+
+hookimpl = pluggy.HookimplMarker("stitchbench")
+
+_LAZY = {
+    "LoadedDataset": "stitchbench.data",
+    "TensorSplit": "stitchbench.data",
+    "iterate_batches": "stitchbench.data",
+    "random_crop_flip": "stitchbench.data",
+    "StitchableNetwork": "stitchbench.network",
+    "StitchingLayer": "stitchbench.stitching",
+    "StitchedNetwork": "stitchbench.stitching",
+    "StitchingProblem": "stitchbench.stitching",
+    "RunContext": "stitchbench.context",
+    "MatrixRecord": "stitchbench.context",
+}
+
+__all__ = [
+    "KINDS",
+    "ArchitecturePlugin",
+    "ConfigError",
+    "DatasetPlugin",
+    "Evaluation",
+    "EvaluationResult",
+    "IndexContext",
+    "JobError",
+    "Matcher",
+    "Params",
+    "Plugin",
+    "PluginError",
+    "PluginInfo",
+    "SimilarityIndex",
+    "StitchbenchError",
+    "UsageError",
+    "get_plugin",
+    "hookimpl",
+    "list_plugins",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'stitchbench' has no attribute {name!r}")

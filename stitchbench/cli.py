@@ -1,0 +1,353 @@
+"""The ``stitchbench`` command line.
+
+Kept light at import time (no torch): ``stitchbench --help`` and ``plugins list`` must be
+fast. Usage errors exit with status 2 and a one-paragraph message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import StitchbenchError, UsageError
+
+log = logging.getLogger("stitchbench")
+
+KIND_CHOICES = ("dataset", "architecture", "matcher", "similarity_index", "evaluation")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="stitchbench",
+        description="Compare neural-network representations by model stitching (DM, TLM) and structural "
+        "indices (LCKA, PWCCA, OPD, DM), with the checks of Balogh & Jelasity (AAAI 2025). Results go "
+        "to MLflow (mlruns/ in the workspace, or $MLFLOW_TRACKING_URI).",
+    )
+    p.add_argument("--workspace", metavar="DIR", help="workspace directory (default: the current directory)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    r = sub.add_parser("run", help="run a preset or config: train or reuse networks, fill matrices, evaluate")
+    _config_args(r)
+    r.add_argument("--plugin", action="append", default=[], metavar="NAME",
+                   help="run only these matchers / indices / evaluations (repeatable), plus what they need; "
+                   "a dataset or architecture name replaces the configured one")
+    r.add_argument("--data-dir", metavar="DIR", help="where data sets on disk live")
+    r.add_argument("--download", action="store_true", help="download a missing data set into --data-dir")
+    r.add_argument("--device", choices=("cpu", "cuda", "auto"), help="device for every job")
+    r.add_argument("--dry-run", action="store_true", help="validate, resolve plugins, print the plan, and exit")
+
+    pl = sub.add_parser("plugins", help="list, register and unregister plugins")
+    psub = pl.add_subparsers(dest="plugins_command", metavar="ACTION")
+    psub.required = True
+    ls = psub.add_parser("list", help="every plugin with its kind, origin and description")
+    ls.add_argument("--kind", choices=KIND_CHOICES)
+    ls.add_argument("--json", action="store_true", help="a JSON list of {name, kind, origin, description, ...}")
+    reg = psub.add_parser("register", help="add a plugin file, package directory or module to registry/plugins.toml")
+    reg.add_argument("target", metavar="PATH_OR_MODULE")
+    unreg = psub.add_parser("unregister", help="remove a plugin from registry/plugins.toml")
+    unreg.add_argument("name")
+
+    sub.add_parser("presets", help="list the presets")
+
+    c = sub.add_parser("config", help="print a resolved configuration")
+    _config_args(c)
+    c.add_argument("--format", choices=("yaml", "json"), default="yaml")
+
+    rep = sub.add_parser("report", help="the paper-style tables of a finished run")
+    rep.add_argument("run", nargs="?", default="latest", help="a parent run id, or `latest` (default)")
+    rep.add_argument("--json", action="store_true")
+
+    ui = sub.add_parser("ui", help="start the MLflow UI on this workspace's store")
+    ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    ui.add_argument("--port", type=int, default=5000)
+
+    cmp_ = sub.add_parser("compare", help="similarity indices between two saved activation arrays")
+    cmp_.add_argument("a", metavar="A.npy")
+    cmp_.add_argument("b", metavar="B.npy")
+    cmp_.add_argument("--index", action="append", default=[], metavar="NAME", help="index name (repeatable; default all)")
+    cmp_.add_argument("--json", action="store_true")
+    return p
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="a preset name (see `stitchbench presets`; default quick)")
+    p.add_argument("--config", metavar="FILE", help="a YAML or TOML config, merged over the preset")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override one setting, e.g. --set networks.count=3 (repeatable)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    if args.workspace:
+        ws = Path(args.workspace).expanduser()
+        if not ws.is_dir():
+            return _fail(UsageError(f"--workspace {ws} is not a directory"))
+        os.environ["STITCHBENCH_WORKSPACE"] = str(ws.resolve())
+    handler = {
+        "run": cmd_run, "plugins": cmd_plugins, "presets": cmd_presets, "config": cmd_config,
+        "report": cmd_report, "ui": cmd_ui, "compare": cmd_compare,
+    }[args.command]
+    previous = signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        return int(handler(args) or 0)
+    except StitchbenchError as e:
+        return _fail(e)
+    except KeyboardInterrupt:
+        print("stitchbench: interrupted; finished jobs are kept and will be reused by the same command",
+              file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _fail(e: StitchbenchError) -> int:
+    print(f"stitchbench: error: {e}", file=sys.stderr)
+    return e.exit_code
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("stitchbench").setLevel(logging.INFO)
+    if not verbose:
+        logging.getLogger("stitchbench").setLevel(logging.WARNING)
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        print(f"stitchbench: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
+
+
+def _workspace() -> Path:
+    from .workspace import current_workspace
+
+    return current_workspace()
+
+
+# -- commands -----------------------------------------------------------------------------
+
+
+def _build_config(args: argparse.Namespace, extra: dict[str, Any] | None = None):
+    from .config import build_config
+
+    return build_config(args.preset, args.config, args.overrides, extra)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .plan import make_plan
+    from .plugins import load_plugins
+
+    extra: dict[str, Any] = {}
+    if args.data_dir:
+        extra["data_dir"] = args.data_dir
+    if args.download:
+        extra["download"] = True
+    if args.device:
+        extra["device"] = args.device
+    cfg = _build_config(args, extra)
+    ws = _workspace()
+    plugins = load_plugins(ws)
+    plan = make_plan(cfg, plugins, selected=args.plugin, workspace=ws)
+    if args.dry_run:
+        print(plan.describe())
+        return 0
+    from .pipeline import execute
+
+    result = execute(plan, plugins, ws)
+    print(f"run {result.run_id} finished (experiment {plan.config.name!r}): "
+          f"networks trained {len(result.trained)}, reused {len(result.reused_networks)}; "
+          f"matrix jobs computed {result.computed_jobs}, reused {result.reused_jobs}")
+    for text in result.report_texts:
+        print()
+        print(text.rstrip())
+    print(f"\nbrowse: stitchbench ui   |   tables: stitchbench report {result.run_id}")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from . import plugins as pm
+    from .registry import entry_for, read_entries, write_entries
+
+    ws = _workspace()
+    if args.plugins_command == "list":
+        infos = pm.list_plugins(args.kind, ws)
+        broken = pm.load_plugins(ws).broken
+        if args.json:
+            print(json.dumps([i.as_dict() for i in infos], indent=2))
+            return 0
+        if not infos:
+            print("no plugins" + (f" of kind {args.kind}" if args.kind else ""))
+        wn = max([len(i.name) for i in infos] + [4])
+        wk = max([len(i.kind) for i in infos] + [4])
+        wo = max([len(i.origin) for i in infos] + [6])
+        print(f"{'NAME':{wn}}  {'KIND':{wk}}  {'ORIGIN':{wo}}  DESCRIPTION")
+        for i in infos:
+            print(f"{i.name:{wn}}  {i.kind:{wk}}  {i.origin:{wo}}  {i.description}")
+        code = sorted({i.location for i in infos if i.origin != "bundled" and i.location})
+        if code:
+            print("\nthird-party code that runs: " + ", ".join(code))
+        for b in broken:
+            print(f"\nskipped {b.plugin} ({b.origin}): {b.error}", file=sys.stderr)
+        return 0
+    if args.plugins_command == "register":
+        entry = entry_for(args.target)
+        entries = read_entries(ws)
+        if any(e.name == entry.name for e in entries):
+            raise UsageError(f"a plugin named {entry.name!r} is already registered; "
+                             f"`stitchbench plugins unregister {entry.name}` first")
+        registered = pm.load_single(entry)
+        # It must not clash with what is already installed.
+        current = pm.load_plugins(ws)
+        for info in registered:
+            if info.name in current.infos:
+                other = current.infos[info.name]
+                raise UsageError(
+                    f"plugin {entry.name} ({entry.origin}) registers the name {info.name!r} (a {info.kind}), which "
+                    f"plugin {other.plugin} ({other.origin}) already registers; rename it in your plugin"
+                )
+        f = write_entries([*entries, entry], ws)
+        pm.clear_cache()
+        print(f"registered {entry.name} ({entry.origin}) in {f}: " +
+              ", ".join(f"{i.name} ({i.kind})" for i in registered))
+        return 0
+    if args.plugins_command == "unregister":
+        entries = read_entries(ws)
+        keep = [e for e in entries if e.name != args.name]
+        if len(keep) == len(entries):
+            # also accept the name of an object the plugin registers
+            try:
+                owner = pm.load_plugins(ws).infos.get(args.name)
+            except StitchbenchError:
+                owner = None
+            keep = [e for e in entries if not (owner and e.name == owner.plugin)]
+        if len(keep) == len(entries):
+            names = ", ".join(e.name for e in entries) or "(none)"
+            raise UsageError(f"no registered plugin called {args.name!r}; registered: {names}. "
+                             "Bundled and entry-point plugins are removed by uninstalling their package.")
+        f = write_entries(keep, ws)
+        pm.clear_cache()
+        print(f"unregistered {args.name} from {f}")
+        return 0
+    raise UsageError(f"unknown plugins action {args.plugins_command}")
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from .config import preset_names, preset_summary
+
+    names = preset_names()
+    w = max(len(n) for n in names)
+    for n in names:
+        print(f"{n:{w}}  {preset_summary(n)}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from .config import config_json
+
+    cfg = _build_config(args)
+    if args.format == "json":
+        print(config_json(cfg))
+    else:
+        import yaml
+
+        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from . import tracking
+    from .report import build_report, format_report, resolve_run
+
+    client = tracking.connect(_workspace())
+    run = resolve_run(client, args.run)
+    report = build_report(client, run)
+    if args.json:
+        out = {k: v for k, v in report.items() if not k.startswith("_")}
+        print(json.dumps(out, indent=2, sort_keys=False, default=str))
+    else:
+        print(format_report(report), end="")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import shutil
+    import subprocess
+
+    from . import tracking
+
+    ws = _workspace()
+    uri = tracking.tracking_uri(ws)
+    if tracking.is_local_store(uri):
+        tracking.connect(ws)  # create the store if needed, so the UI starts on a valid one
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"stitchbench: warning: the MLflow UI has no authentication; binding to {args.host} lets anyone "
+              "who can reach this machine read and change your runs", file=sys.stderr)
+    exe = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    cmd = [exe, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    if tracking.is_local_store(uri):
+        cmd += ["--default-artifact-root", (ws / "mlruns" / "artifacts").as_uri()]
+    print(f"MLflow UI on http://{args.host}:{args.port}  (store {uri}); Ctrl-C stops it", file=sys.stderr)
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY=os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true"))
+    return subprocess.call(cmd, env=env)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .plugins import load_plugins
+
+    arrays = []
+    for p in (args.a, args.b):
+        path = Path(p)
+        if not path.exists():
+            raise UsageError(f"{p} does not exist")
+        try:
+            arrays.append(np.load(path, allow_pickle=False))
+        except Exception as e:  # noqa: BLE001
+            raise UsageError(f"{p} is not a readable .npy array ({type(e).__name__}: {e})") from None
+    a, b = arrays
+    if a.ndim not in (2, 3, 4) or b.ndim not in (2, 3, 4):
+        raise UsageError(f"arrays must be (n, p), (n, T, D) or (n, C, H, W); got shapes {a.shape} and {b.shape}")
+    if a.shape[0] != b.shape[0]:
+        raise UsageError(f"the arrays have different numbers of examples (rows): {a.shape[0]} in {args.a}, "
+                         f"{b.shape[0]} in {args.b}; rows must be the same examples in the same order")
+    plugins = load_plugins(_workspace())
+    names = args.index or plugins.names("similarity_index")
+    rows = []
+    for name in names:
+        idx = plugins.get(name, "similarity_index")
+        if getattr(idx, "needs_train_activations", False) and not args.index:
+            continue
+        try:
+            value = float(idx.compute(a, b))
+            rows.append({"index": name, "value": value, "higher_is_more_similar": idx.higher_is_more_similar})
+        except ValueError as e:
+            rows.append({"index": name, "value": None, "error": str(e),
+                         "higher_is_more_similar": idx.higher_is_more_similar})
+    if args.json:
+        print(json.dumps({"a": {"path": args.a, "shape": list(a.shape)}, "b": {"path": args.b, "shape": list(b.shape)},
+                          "results": rows}, indent=2))
+    else:
+        print(f"A {args.a} {a.shape}   B {args.b} {b.shape}")
+        for r in rows:
+            sense = "higher = more similar" if r["higher_is_more_similar"] else "distance: lower = more similar"
+            val = f"{r['value']:.6f}" if r["value"] is not None else f"error: {r['error']}"
+            print(f"  {r['index']:10} {val:>12}   ({sense})")
+    return 2 if any(r["value"] is None for r in rows) and args.index else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

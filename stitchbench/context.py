@@ -1,0 +1,74 @@
+"""What evaluations see of a run: networks, matrices and data, through the core."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class MatrixRecord:
+    """One similarity matrix: ``values[i, j]`` compares source layer ``layers[i]`` with
+    target layer ``layers[j]``.
+
+    ``measure`` is the name results are reported under (a matcher's measure name, e.g.
+    ``dm_func`` or ``tlm``, or an index name); ``functional`` is True for matchers
+    (relative accuracy); ``scope`` is ``intra`` (source network = target network) or
+    ``inter``."""
+
+    measure: str
+    plugin: str
+    functional: bool
+    higher_is_more_similar: bool
+    source: str
+    target: str
+    scope: str
+    layers: list[str]
+    values: np.ndarray
+    run_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunContext:
+    """Handed to ``Evaluation.run``.
+
+    ``networks`` maps model names to trained `StitchableNetwork` objects (eval mode);
+    ``network_accuracy`` their test accuracies; ``matrices`` every similarity matrix of the
+    run; ``data`` the `LoadedDataset`; ``layers`` the stitched layer names; ``config`` the
+    resolved `RunConfig`; ``device`` the torch device; ``workspace`` the workspace path.
+    ``activations(model_name, split, n)`` returns cached per-layer activations.
+    ``get_plugin(name)`` looks up another plugin of this run's plugin set.
+    """
+
+    config: Any
+    data: Any
+    networks: dict[str, Any]
+    network_accuracy: dict[str, float]
+    layers: list[str]
+    matrices: list[MatrixRecord]
+    device: Any
+    workspace: Path
+    cache: Any = None
+    plugins: Any = None
+    run_id: str | None = None
+
+    def measures(self) -> list[str]:
+        seen: list[str] = []
+        for m in self.matrices:
+            if m.measure not in seen:
+                seen.append(m.measure)
+        return seen
+
+    def matrices_of(self, measure: str, scope: str | None = None) -> list[MatrixRecord]:
+        return [m for m in self.matrices if m.measure == measure and (scope is None or m.scope == scope)]
+
+    def activations(self, model_name: str, split: str = "test", n: int | None = None) -> dict[str, Any]:
+        net = self.networks[model_name]
+        return self.cache.all_layers(net, split, n, self.data, self.config.seed)
+
+    def get_plugin(self, name: str) -> Any:
+        return self.plugins.get(name)

@@ -1,0 +1,49 @@
+"""Exceptions with messages meant for users.
+
+`UsageError` (exit status 2) is raised for anything the user can fix by changing the
+command line, the configuration, the workspace or the data on disk. `PluginError` and
+`JobError` name the plugin (and the job) whose code failed.
+"""
+
+from __future__ import annotations
+
+
+class StitchbenchError(Exception):
+    """Base class: the message is complete and is printed without a traceback."""
+
+    exit_code = 1
+
+
+class UsageError(StitchbenchError):
+    """Bad input: a wrong name, a wrong config value, missing data. Exit status 2."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """A configuration that does not validate; the message lists `dotted.path: problem` lines."""
+
+
+class PluginError(StitchbenchError):
+    """A plugin misbehaved (failed to import, registered something invalid, raised)."""
+
+    def __init__(self, plugin: str, message: str, *, usage: bool = False):
+        super().__init__(f"plugin {plugin}: {message}")
+        self.plugin = plugin
+        if usage:
+            self.exit_code = 2
+
+
+class JobError(StitchbenchError):
+    """A job of the run pipeline failed; names the job and the plugin whose code raised."""
+
+    def __init__(self, job: str, plugin: str | None, cause: BaseException):
+        where = f"job {job}" + (f" (plugin {plugin})" if plugin else "")
+        super().__init__(f"{where} failed: {type(cause).__name__}: {cause}")
+        self.job = job
+        self.plugin = plugin
+        self.cause = cause
+
+
+class DivergenceError(StitchbenchError):
+    """Training produced a non-finite loss."""

@@ -1,0 +1,160 @@
+"""MLflow: the store, experiments, runs, artifacts, the model registry and job lookup.
+
+The default store is ``sqlite:///<workspace>/mlruns/mlflow.db`` with artifacts under
+``<workspace>/mlruns/artifacts``; ``MLFLOW_TRACKING_URI`` wins when set. MLflow's telemetry
+is off unless the user set ``MLFLOW_DISABLE_TELEMETRY`` themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import UsageError
+from .workspace import mlruns_dir
+
+log = logging.getLogger(__name__)
+
+TAG_KIND = "stitchbench.kind"  # parent | network | stitch_matrix | index_matrix | evaluation
+TAG_KEY = "stitchbench.job_key"
+TAG_COMPLETE = "stitchbench.complete"  # "1" once every output of the job is written
+TAG_PLUGIN = "stitchbench.plugin"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # open as a model-training experiment in the UI
+
+
+def quiet_mlflow() -> None:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    # alembic prints every migration step at INFO when a store is created
+    for name in ("alembic", "mlflow"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def tracking_uri(workspace: Path) -> str:
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{mlruns_dir(workspace) / 'mlflow.db'}"
+
+
+def is_local_store(uri: str) -> bool:
+    return uri.startswith("sqlite:///")
+
+
+def connect(workspace: Path) -> Any:
+    """Point MLflow at the workspace's store (creating it safely) and return a client.
+
+    Store creation runs under a file lock, so several processes starting at once on a fresh
+    workspace do not race on the schema migration. A remote store is checked for
+    reachability before any heavy work."""
+    quiet_mlflow()
+    import mlflow
+    from filelock import FileLock
+
+    uri = tracking_uri(workspace)
+    mlflow.set_tracking_uri(uri)
+    if is_local_store(uri):
+        d = mlruns_dir(workspace)
+        d.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(d / ".store.lock"), timeout=300):
+            client = mlflow.MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)  # creates / migrates the schema
+        return client
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 - any failure here means "cannot use this store"
+        raise UsageError(
+            f"cannot reach the MLflow tracking server MLFLOW_TRACKING_URI={uri} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}); start it, fix the URI, or unset MLFLOW_TRACKING_URI to use "
+            "the local store in mlruns/"
+        ) from None
+    return client
+
+
+def experiment_id(client: Any, name: str, workspace: Path) -> str:
+    """The id of experiment ``name``, created if needed, tagged to open as model training."""
+    from filelock import FileLock
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        uri = tracking_uri(workspace)
+        location = (mlruns_dir(workspace) / "artifacts").as_uri() if is_local_store(uri) else None
+        lock = FileLock(str(mlruns_dir(workspace) / ".store.lock"), timeout=300) if is_local_store(uri) else None
+        with lock if lock else _null():
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+                exp = client.get_experiment_by_name(name)
+    if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
+@contextmanager
+def _null() -> Iterator[None]:
+    yield
+
+
+def all_experiment_ids(client: Any) -> list[str]:
+    return [e.experiment_id for e in client.search_experiments(max_results=1000)]
+
+
+def find_finished_job(client: Any, key: str) -> Any | None:
+    """The newest FINISHED run with job key ``key`` whose outputs are complete, or None."""
+    ids = all_experiment_ids(client)
+    if not ids:
+        return None
+    runs = client.search_runs(
+        ids,
+        filter_string=f"tags.`{TAG_KEY}` = '{key}' and tags.`{TAG_COMPLETE}` = '1' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def log_json(obj: Any, artifact_file: str, run_id: str | None = None) -> None:
+    import mlflow
+
+    text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default)
+    if run_id is None:
+        mlflow.log_text(text, artifact_file)
+    else:
+        mlflow.MlflowClient().log_text(run_id, text, artifact_file)
+
+
+def _json_default(o: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    return str(o)
+
+
+def download(run_id: str, artifact_path: str) -> Path:
+    """A local path holding ``artifact_path`` of run ``run_id`` (a copy for remote stores)."""
+    import mlflow
+
+    dst = tempfile.mkdtemp(prefix="stitchbench-")
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=dst))
+
+
+def read_json_artifact(run_id: str, artifact_path: str) -> Any:
+    return json.loads(download(run_id, artifact_path).read_text())
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
