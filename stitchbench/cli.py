@@ -13,8 +13,9 @@ import os
 import signal
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .errors import StitchbenchError, UsageError
 
@@ -125,7 +126,7 @@ def _setup_logging(verbose: bool) -> None:
     if not verbose:
         logging.getLogger("stitchbench").setLevel(logging.WARNING)
 
-    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+    def show(message, category, filename, lineno, file=None, line=None):
         print(f"stitchbench: warning: {message}", file=sys.stderr)
 
     warnings.showwarning = show

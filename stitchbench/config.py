@@ -115,10 +115,11 @@ def preset_data(name: str) -> dict[str, Any]:
         raise UsageError(f"unknown preset {name!r}; presets are: {', '.join(preset_names())}")
     text = resources.files("stitchbench").joinpath("presets", f"{name}.yaml").read_text()
     data = yaml.safe_load(text) or {}
+    own_name = data.get("name", name)
     base = data.pop("extends", None)
     if base:
         data = deep_merge(preset_data(base), data)
-    data.setdefault("name", name)
+    data["name"] = own_name
     return data
 
 

@@ -8,8 +8,8 @@ sliced directly instead of going through a DataLoader, which matters on CPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset

@@ -31,7 +31,7 @@ plugins list`` imports every plugin module, and it must stay fast.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pluggy
 
@@ -39,7 +39,7 @@ hookspec = pluggy.HookspecMarker("stitchbench")
 
 
 @hookspec
-def register_datasets(register: Callable[["stitchbench.DatasetPlugin"], None]) -> None:  # noqa: F821
+def register_datasets(register: Callable[[stitchbench.DatasetPlugin], None]) -> None:  # noqa: F821
     """Register data sets: call ``register(dataset)`` with a `stitchbench.DatasetPlugin`
     instance for each one.
 
@@ -52,7 +52,7 @@ def register_datasets(register: Callable[["stitchbench.DatasetPlugin"], None]) -
 
 
 @hookspec
-def register_architectures(register: Callable[["stitchbench.ArchitecturePlugin"], None]) -> None:  # noqa: F821
+def register_architectures(register: Callable[[stitchbench.ArchitecturePlugin], None]) -> None:  # noqa: F821
     """Register network architectures: call ``register(architecture)`` with a
     `stitchbench.ArchitecturePlugin` instance for each one.
 
@@ -65,7 +65,7 @@ def register_architectures(register: Callable[["stitchbench.ArchitecturePlugin"]
 
 
 @hookspec
-def register_matchers(register: Callable[["stitchbench.Matcher"], None]) -> None:  # noqa: F821
+def register_matchers(register: Callable[[stitchbench.Matcher], None]) -> None:  # noqa: F821
     """Register stitching matchers: call ``register(matcher)`` with a `stitchbench.Matcher`
     instance for each one.
 
@@ -78,7 +78,7 @@ def register_matchers(register: Callable[["stitchbench.Matcher"], None]) -> None
 
 
 @hookspec
-def register_similarity_indices(register: Callable[["stitchbench.SimilarityIndex"], None]) -> None:  # noqa: F821
+def register_similarity_indices(register: Callable[[stitchbench.SimilarityIndex], None]) -> None:  # noqa: F821
     """Register structural similarity indices: call ``register(index)`` with a
     `stitchbench.SimilarityIndex` instance for each one.
 
@@ -91,7 +91,7 @@ def register_similarity_indices(register: Callable[["stitchbench.SimilarityIndex
 
 
 @hookspec
-def register_evaluations(register: Callable[["stitchbench.Evaluation"], None]) -> None:  # noqa: F821
+def register_evaluations(register: Callable[[stitchbench.Evaluation], None]) -> None:  # noqa: F821
     """Register evaluations: call ``register(evaluation)`` with a `stitchbench.Evaluation`
     instance for each one.
 

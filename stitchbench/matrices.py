@@ -153,7 +153,7 @@ def run_stitch_matrix(
                             layer = matcher.fit(problem, job.plugin.params)
                         except StitchbenchError:
                             raise
-                        except Exception as e:  # noqa: BLE001 - reported with the plugin and the job
+                        except Exception as e:
                             raise JobError(cell, matcher.name, e) from e
                         if not isinstance(layer, StitchingLayer):
                             raise JobError(cell, matcher.name, TypeError(
@@ -246,7 +246,7 @@ def run_index_matrix(
             values = np.asarray(index.matrix(sources, targets, ctx), dtype=float)
         except StitchbenchError:
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise JobError(job.label, index.name, e) from e
         if values.shape != (len(plan.layers), len(plan.layers)):
             raise JobError(job.label, index.name, ValueError(

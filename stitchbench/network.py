@@ -8,7 +8,7 @@ j, then the head), so ``back(front(x, i), i) == forward(x)`` for every i.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn

@@ -113,28 +113,33 @@ def _register(plan: Plan, spec: NetworkSpec, net: StitchableNetwork, run_id: str
     """Log the network as an MLflow model (pt2: a traced graph, no pickle) and register it.
 
     Falls back to registering the state-dict artifact when the network cannot be exported."""
+    import contextlib
+    import io
+
     import mlflow
 
     tags = {tracking.TAG_KEY: spec.key, "test_accuracy": f"{acc:.6f}", "seed": str(spec.seed)}
     example = next(iter(torch.utils.data.DataLoader(plan.data.test, batch_size=2)))[0].float()
     example = example.to(next(net.parameters()).device)
+    chatter = io.StringIO()  # MLflow prints "Successfully registered model ..." to stderr
     try:
-        info = mlflow.pytorch.log_model(
-            net,
-            name="model",
-            input_example=example.cpu().numpy(),
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-            export_model=True,
-            serialization_format="pt2",
-        )
-        mv = mlflow.register_model(info.model_uri, spec.model_name, tags=tags)
+        with contextlib.redirect_stderr(chatter), contextlib.redirect_stdout(chatter):
+            info = mlflow.pytorch.log_model(
+                net,
+                name="model",
+                input_example=example.cpu().numpy(),
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                export_model=True,
+                serialization_format="pt2",
+            )
+            mv = mlflow.register_model(info.model_uri, spec.model_name, tags=tags)
     except Exception as e:  # noqa: BLE001 - an architecture torch.export cannot trace
         log.warning("could not export %s as an MLflow model (%s); registering its state dict", spec.model_name, e)
         client = mlflow.MlflowClient()
         try:
             client.create_registered_model(spec.model_name)
-        except Exception:  # noqa: BLE001 - already exists
-            pass
+        except Exception as exists:  # noqa: BLE001 - already exists
+            log.debug("registered model %s: %s", spec.model_name, exists)
         source = f"{mlflow.get_run(run_id).info.artifact_uri}/network"
         mv = client.create_model_version(spec.model_name, source=source, run_id=run_id, tags=tags)
     return str(mv.version)

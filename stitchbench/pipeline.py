@@ -71,7 +71,7 @@ def execute(plan: Plan, plugins: PluginSet, workspace: Path, *, client: Any = No
                 nets[spec.model_name] = ensure_network(plan, spec, client, device)
             except StitchbenchError:
                 raise
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 raise JobError(f"network {spec.model_name}", plan.architecture.name, e) from e
         for name, t in nets.items():
             metrics[f"network.{name}.test_accuracy"] = t.test_accuracy
@@ -103,7 +103,7 @@ def execute(plan: Plan, plugins: PluginSet, workspace: Path, *, client: Any = No
                     result = ev.obj.run(context, ev.params)
                 except StitchbenchError:
                     raise
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     raise JobError(f"evaluation {ev.name}", ev.name, e) from e
                 if result.metrics:
                     mlflow.log_metrics(result.metrics)

@@ -153,7 +153,7 @@ def make_plan(
     if getattr(ds_obj, "needs_data_dir", False) and data_dir is None:
         raise UsageError(
             f"dataset {cfg.dataset.name!r} is read from disk: pass --data-dir DIR (the directory holding it"
-            + (", or add --download to fetch it there)" if cfg.dataset.name in ("cifar10", "svhn") else ")")
+            + (", or add --download to fetch it there)" if getattr(ds_obj, "downloadable", False) else ")")
         )
     if data_dir is not None and not data_dir.exists():
         raise UsageError(f"--data-dir {data_dir} does not exist")

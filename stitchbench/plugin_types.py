@@ -7,18 +7,19 @@ inside methods.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
     import numpy as np
 
+    from .context import RunContext
     from .data import LoadedDataset
     from .network import StitchableNetwork
-    from .context import RunContext
     from .stitching import StitchingLayer, StitchingProblem
 
 KINDS = ("dataset", "architecture", "matcher", "similarity_index", "evaluation")
@@ -61,8 +62,10 @@ class DatasetPlugin(Plugin):
     auxiliary: ClassVar[bool] = False
     #: True when the data must be found under ``--data-dir``.
     needs_data_dir: ClassVar[bool] = False
+    #: True when ``load(..., download=True)`` can fetch a missing data set.
+    downloadable: ClassVar[bool] = False
 
-    def load(self, params: Any, data_dir: Path | None, download: bool = False) -> "LoadedDataset":
+    def load(self, params: Any, data_dir: Path | None, download: bool = False) -> LoadedDataset:
         raise NotImplementedError
 
 
@@ -71,7 +74,7 @@ class ArchitecturePlugin(Plugin):
 
     kind = "architecture"
 
-    def build(self, params: Any, num_classes: int, image_shape: tuple[int, int, int]) -> "StitchableNetwork":
+    def build(self, params: Any, num_classes: int, image_shape: tuple[int, int, int]) -> StitchableNetwork:
         raise NotImplementedError
 
     def tag(self, params: Any) -> str:
@@ -90,7 +93,7 @@ class Matcher(Plugin):
     def measure(self) -> str:
         return self.measure_name or self.name
 
-    def fit(self, problem: "StitchingProblem", params: Any) -> "StitchingLayer":
+    def fit(self, problem: StitchingProblem, params: Any) -> StitchingLayer:
         raise NotImplementedError
 
 
@@ -105,7 +108,7 @@ class SimilarityIndex(Plugin):
     def compute(self, A: Any, B: Any) -> float:
         raise NotImplementedError
 
-    def matrix(self, sources: Sequence[Any], targets: Sequence[Any], context: "IndexContext") -> "np.ndarray":
+    def matrix(self, sources: Sequence[Any], targets: Sequence[Any], context: IndexContext) -> np.ndarray:
         """Fill the (len(sources), len(targets)) matrix of values.
 
         The default calls ``compute`` for every pair; indices that can reuse per-layer
@@ -146,7 +149,7 @@ class Evaluation(Plugin):
     #: Names of other plugins (indices, matchers) this evaluation needs in the run.
     requires: ClassVar[tuple[str, ...]] = ()
 
-    def run(self, context: "RunContext", params: Any) -> "EvaluationResult":
+    def run(self, context: RunContext, params: Any) -> EvaluationResult:
         raise NotImplementedError
 
 

@@ -238,12 +238,12 @@ class _Loader:
                 plugin_name = impl.plugin_name
                 if plugin_name in failed:
                     continue
-                origin, location = self.origins.get(plugin_name, ("?", ""))
+                origin, _location = self.origins.get(plugin_name, ("?", ""))
                 staged: list[PluginInfo] = []
 
                 def register(obj: Any, *, _kind=kind, _plugin=plugin_name, _origin=origin, _staged=staged) -> None:
                     _validate(obj, _kind, _plugin, _origin)
-                    staged.append(
+                    _staged.append(
                         PluginInfo(
                             name=obj.name,
                             kind=_kind,

@@ -8,11 +8,13 @@ other evaluation section. Each evaluation's nested run holds a ``report.json`` a
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from . import tracking
 from .errors import UsageError
 
+log = logging.getLogger(__name__)
 STANDARD_SECTIONS = ("layer_identification", "ood", "ding")
 
 
@@ -59,7 +61,8 @@ def build_report(client: Any, run: Any) -> dict[str, Any]:
     for child in children:
         try:
             section = tracking.read_json_artifact(child.info.run_id, "report.json")
-        except Exception:  # noqa: BLE001 - an evaluation without a report section
+        except Exception as e:  # noqa: BLE001 - an evaluation without a report section
+            log.debug("evaluation run %s has no report.json: %s", child.info.run_id, e)
             continue
         key = section.get("key")
         if key and section.get("data") is not None:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .config import RunConfig, config_json, flat_params
 
@@ -27,6 +28,8 @@ def _status_for(exc: BaseException | None) -> str:
 def parent_run(experiment_id: str, cfg: RunConfig, *, run_name: str | None, tags: dict[str, str]) -> Iterator[Any]:
     import mlflow
 
+    # Nested runs take the active experiment, not their parent's: make it this one.
+    mlflow.set_experiment(experiment_id=experiment_id)
     run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
     try:
         params = flat_params(cfg)
@@ -52,7 +55,9 @@ def _end_all(status: str) -> None:
 def child_run(name: str, tags: dict[str, str]) -> Iterator[Any]:
     import mlflow
 
-    run = mlflow.start_run(run_name=name, nested=True, tags=tags)
+    parent = mlflow.active_run()
+    experiment_id = parent.info.experiment_id if parent is not None else None
+    run = mlflow.start_run(run_name=name, nested=True, tags=tags, experiment_id=experiment_id)
     try:
         yield run
     except BaseException as e:

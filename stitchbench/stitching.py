@@ -9,8 +9,9 @@ network is put in; only T is ever trained.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +88,7 @@ class StitchingLayer(nn.Module):
         return self.affine.bias
 
     @torch.no_grad()
-    def set_affine(self, weight: torch.Tensor, bias: torch.Tensor) -> "StitchingLayer":
+    def set_affine(self, weight: torch.Tensor, bias: torch.Tensor) -> StitchingLayer:
         """Set the map to ``x -> weight @ x + bias`` (weight (out, in), bias (out,))."""
         weight = torch.as_tensor(weight)
         bias = torch.as_tensor(bias)
@@ -149,7 +150,7 @@ class StitchedNetwork(nn.Module):
         self.target_layer = target_layer
         self.train(False)
 
-    def train(self, mode: bool = True) -> "StitchedNetwork":
+    def train(self, mode: bool = True) -> StitchedNetwork:
         self.training = mode
         self.stitch.train(mode)
         self.source.eval()

@@ -38,4 +38,4 @@ def cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: i
     if cwd is not None:
         full_env["STITCHBENCH_WORKSPACE"] = str(cwd)
     full_env.update(env or {})
-    return subprocess.run([str(EXE), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([str(EXE), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False)

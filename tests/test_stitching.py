@@ -63,9 +63,8 @@ def test_frozen_restores_each_flag():
     with frozen(net):
         assert not any(p.requires_grad for p in net.parameters())
     assert {n: p.requires_grad for n, p in net.named_parameters()} == before
-    with pytest.raises(RuntimeError):
-        with frozen(net):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), frozen(net):
+        raise RuntimeError("boom")
     assert {n: p.requires_grad for n, p in net.named_parameters()} == before
 
 

@@ -73,6 +73,7 @@ class Cifar10(DatasetPlugin):
 
     name = "cifar10"
     needs_data_dir = True
+    downloadable = True
 
     class Params(Params):
         limit_train: int | None = Field(None, ge=1, description="use only the first N training images")

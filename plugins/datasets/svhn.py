@@ -57,6 +57,7 @@ class Svhn(DatasetPlugin):
 
     name = "svhn"
     needs_data_dir = True
+    downloadable = True
 
     class Params(Params):
         limit_train: int | None = Field(None, ge=1, description="use only the first N training images")

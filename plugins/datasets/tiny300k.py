@@ -38,6 +38,7 @@ class Tiny300k(DatasetPlugin):
     name = "tiny300k"
     auxiliary = True
     needs_data_dir = True
+    downloadable = True
 
     class Params(Params):
         file: str = Field(FILE, description="the .npy file, relative to --data-dir (or an absolute path)")

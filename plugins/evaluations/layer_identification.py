@@ -56,7 +56,7 @@ class LayerIdentification(Evaluation):
         direction: Literal["per_target", "per_source"] = "per_target"
         ties: Literal["strict", "fractional", "first"] = "strict"
 
-    def run(self, context: "stitchbench.RunContext", params: Any) -> EvaluationResult:
+    def run(self, context: stitchbench.RunContext, params: Any) -> EvaluationResult:
         result: dict[str, dict[str, float]] = {"intra": {}, "inter": {}}
         counts: dict[str, dict[str, dict[str, float]]] = {"intra": {}, "inter": {}}
         for measure in context.measures():

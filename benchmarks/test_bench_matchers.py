@@ -1,0 +1,262 @@
+"""Benchmarks of the matchers against their baselines (not part of the default test run).
+
+    .venv/bin/python -m pytest benchmarks/test_bench_matchers.py --benchmark-only -s
+
+(b) Direct matching: the streaming solvers (QR of [1, X, Y], and the centred normal
+    equations) against numpy's pinv of the stacked rows, in time and in peak memory.
+    Shapes (chosen for a 2-core CPU): K = 512 "images" of source activations (48, 16, 16)
+    and target activations (32, 16, 16), i.e. 131,072 equations, 48 -> 32 channels, fed
+    in batches of 32 images. Peak memory is the rise of the process's peak resident set
+    (Linux VmHWM, reset through /proc/self/clear_refs) in a fresh subprocess per method,
+    so it counts numpy's and torch's allocations alike; it is measured again at 2K images
+    to show that the streaming solvers' memory does not grow with K.
+(c) Task loss matching: one epoch of `tlm` against its floor, the receiver's forward and
+    backward (plus T's Adam step) on source activations computed beforehand. Shapes: 2,048
+    images 3x16x16, a 5-block conv net of width 16 with BatchNorm, stitching block 1 of one
+    network to block 1 of another, batch 128. Epoch times are TLM's own (``fit_info``
+    ``seconds_per_epoch``: the DM initialisation and the one-off source cache are not in
+    them; the cache's cost is printed apart); medians over interleaved rounds.
+
+Everything is timed on one thread (see ``one_thread``).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stitchbench.network import StitchableNetwork
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Time on one core: this 2-core machine is shared, and OpenMP's spin-waiting makes
+    two-thread timings erratic whenever another process runs. numpy's BLAS and torch are
+    both limited, so the comparison stays fair."""
+    from threadpoolctl import threadpool_limits
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(saved)
+
+
+# -- (b) streaming DM vs pinv ---------------------------------------------------------------
+K, BATCH, C1, C2, HW = 512, 32, 48, 32, 16
+
+
+def batches(k: int = K):
+    """The activations of ``k`` images batch by batch, generated on the fly (as a forward
+    pass would)."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(C2, C1, generator=g) / C1**0.5
+    for _ in range(k // BATCH):
+        x = torch.relu(torch.randn(BATCH, C1, HW, HW, generator=g) + 0.3)
+        y = torch.einsum("oc,nchw->nohw", W, x) + 0.1 * torch.randn(BATCH, C2, HW, HW, generator=g)
+        yield x, y
+
+
+def solve_streaming(solver: str, data=None):
+    from stitchbench_plugins.matchers._lstsq import make_accumulator
+
+    from stitchbench.stitching import to_rows
+
+    acc = make_accumulator(solver, C1, C2)
+    for x, y in data if data is not None else batches():
+        acc.update(to_rows(x), to_rows(y))
+    fit = acc.solve()
+    return fit.weight.numpy(), fit.bias.numpy()
+
+
+def solve_pinv(data=None):
+    from stitchbench.stitching import to_rows
+
+    xs, ys = [], []
+    for x, y in data if data is not None else batches():
+        xs.append(to_rows(x).double().numpy())
+        ys.append(to_rows(y).double().numpy())
+    X, Y = np.concatenate(xs), np.concatenate(ys)
+    del xs, ys
+    A = np.hstack([X, np.ones((X.shape[0], 1))])
+    theta = np.linalg.pinv(A, rtol=max(A.shape) * np.finfo(float).eps) @ Y
+    return theta[:-1].T, theta[-1]
+
+
+METHODS = {
+    "stream_qr": lambda data=None: solve_streaming("qr", data),
+    "stream_gram": lambda data=None: solve_streaming("gram", data),
+    "pinv_stacked": solve_pinv,
+}
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def peak_memory_mib(method: str, k: int = K) -> float:
+    """Run ``method`` on ``k`` images in a fresh interpreter; its peak RSS rise in MiB."""
+    out = subprocess.run(
+        [sys.executable, __file__, "peak", method, str(k)], capture_output=True, text=True, check=True
+    ).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def _best_of(fn, rounds: int = 3) -> float:
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS needs Linux /proc")
+def test_bench_dm_streaming_vs_pinv(benchmark):
+    data = list(batches())  # generated once, so the timings compare only the solves
+    ref = np.column_stack(METHODS["pinv_stacked"](data))  # (q, p + 1): [W, b]
+    for name in ("stream_qr", "stream_gram"):  # the same solution, to float64 accuracy
+        got = np.column_stack(METHODS[name](data))
+        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-8, name
+
+    benchmark.group = "dm solve"
+    benchmark.pedantic(METHODS["stream_qr"], args=(data,), rounds=3, iterations=1)
+    times = {name: _best_of(lambda f=f: f(data)) for name, f in METHODS.items()}
+    peaks = {name: peak_memory_mib(name) for name in METHODS}
+    peaks_2k = {name: peak_memory_mib(name, 2 * K) for name in METHODS}
+    print(f"\n[dm] {K} images, {K * HW * HW} equations, {C1} -> {C2} channels, batches of {BATCH} images")
+    for name in METHODS:
+        print(
+            f"[dm] {name:13s} time {times[name]:7.3f} s ({times[name] / times['pinv_stacked']:5.2f}x pinv)   "
+            f"peak memory +{peaks[name]:7.1f} MiB ({peaks[name] / peaks['pinv_stacked']:5.3f}x pinv); "
+            f"with {2 * K} images +{peaks_2k[name]:7.1f} MiB"
+        )
+
+
+# -- (c) a TLM epoch vs its floor --------------------------------------------------------------
+N_TLM, WIDTH, BATCH_TLM = 2048, 16, 128
+
+
+class SmallConvNet(StitchableNetwork):
+    """(3, 16, 16) -> 5 conv blocks with BatchNorm (width w; 2w at 8x8) -> logits."""
+
+    def __init__(self, w: int = WIDTH, num_classes: int = 10):
+        super().__init__()
+
+        def block(cin, cout, stride):
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+            )
+
+        self.stem = block(3, w, 1)
+        self.blocks = nn.ModuleList(
+            [
+                block(w, w, 1),
+                block(w, w, 1),
+                block(w, 2 * w, 2),
+                block(2 * w, 2 * w, 1),
+                block(2 * w, 2 * w, 1),
+            ]
+        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * w, num_classes))
+        self.layer_names = [f"block{i}" for i in range(5)]
+
+
+def _network(seed: int) -> SmallConvNet:
+    torch.manual_seed(seed)
+    net = SmallConvNet().train()
+    with torch.no_grad():  # give BatchNorm non-trivial running statistics
+        for _ in range(3):
+            net(torch.randn(256, 3, 16, 16))
+    return net.eval()
+
+
+def _problem():
+    from stitchbench.data import LoadedDataset, TensorSplit, random_crop_flip
+    from stitchbench.stitching import StitchingProblem
+
+    g = torch.Generator().manual_seed(0)
+    split = TensorSplit(
+        torch.randn(N_TLM, 3, 16, 16, generator=g), torch.randint(0, 10, (N_TLM,), generator=g)
+    )
+    test = TensorSplit(torch.randn(64, 3, 16, 16, generator=g), torch.randint(0, 10, (64,), generator=g))
+    data = LoadedDataset("bench", 10, (3, 16, 16), split, test, augment=random_crop_flip(padding=2))
+    return StitchingProblem(
+        source=_network(0), source_layer="block1", target=_network(1), target_layer="block1", data=data
+    )
+
+
+def test_bench_tlm_epoch_vs_floor(benchmark):
+    from stitchbench_plugins.matchers.dm import DirectMatching
+    from stitchbench_plugins.matchers.tlm import TaskLossMatching
+
+    from stitchbench.stitching import frozen
+
+    prob = _problem()
+    layer = DirectMatching().fit(prob, {"k": 100})
+    with torch.no_grad():
+        H = prob.source.front(prob.data.train.images, prob.source_layer)
+    labels = prob.data.train.labels
+    stitched = prob.stitched(layer)
+    optimiser = torch.optim.Adam(layer.parameters(), lr=1e-3, weight_decay=1e-5)
+
+    def floor_epoch():
+        with frozen(prob.source, prob.target):
+            stitched.train()
+            order = torch.randperm(H.shape[0])
+            for start in range(0, H.shape[0], BATCH_TLM):
+                idx = order[start : start + BATCH_TLM]
+                loss = F.cross_entropy(stitched.forward_from_source(H[idx]), labels[idx])
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+            stitched.eval()
+
+    variants = {
+        "augmented (source recomputed)": {"augment": True},
+        "no augmentation, cached": {"augment": False},
+        "no augmentation, not cached": {"augment": False, "cache_source": False},
+    }
+    tlm = TaskLossMatching()
+    floor_epoch()  # warm-up
+    floors: list[float] = []
+    epochs: dict[str, list[float]] = {name: [] for name in variants}
+    cache_seconds = 0.0
+    for _ in range(3):  # interleaved, so that a busy machine slows every variant alike
+        floors.append(_best_of(floor_epoch, rounds=1))
+        for name, extra in variants.items():
+            info = tlm.fit(prob, {"batch_size": BATCH_TLM, "epochs": 2, "dm": {"k": 100}, **extra}).fit_info
+            epochs[name] += info["seconds_per_epoch"]
+            cache_seconds = max(cache_seconds, info["cache_seconds"])
+    benchmark.group = "tlm epoch"
+    benchmark.pedantic(floor_epoch, rounds=3, iterations=1)
+    floor = float(np.median(floors))
+    print(f"\n[tlm] {N_TLM} images 3x16x16, width-{WIDTH} conv net, block1 -> block1, batch {BATCH_TLM}")
+    print(f"[tlm] floor (receiver fwd+bwd + T's step, precomputed source) {floor:.3f} s/epoch (median of 3)")
+    for name, ts in epochs.items():
+        t = float(np.median(ts))
+        print(f"[tlm] {name:31s} {t:.3f} s/epoch ({t / floor:.2f}x floor, median of {len(ts)})")
+    print(f"[tlm] building the source cache (once per fit): {cache_seconds:.3f} s")
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "peak":
+    # Warm up (imports, BLAS/LAPACK initialisation) on a tiny problem, then measure.
+    import stitchbench_plugins.matchers._lstsq  # noqa: F401
+
+    np.linalg.pinv(np.ones((8, 3)))
+    torch.linalg.qr(torch.ones(8, 3, dtype=torch.float64))
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_kib("VmRSS")
+    METHODS[sys.argv[2]](batches(int(sys.argv[3])))
+    print((_status_kib("VmHWM") - before) / 1024)

@@ -1,0 +1,350 @@
+"""Streaming float64 least squares for direct matching, and the fixed low-rank projection.
+
+The problem (paper eq. 2-3): rows ``X`` (n, p) of source activations and ``Y`` (n, q) of
+target activations (one row per spatial position or token, `stitchbench.stitching.to_rows`);
+find the affine map ``y ≈ W x + b`` minimising ``‖X Wᵀ + 1 bᵀ − Y‖²_F``. Among all
+minimisers we return the one of minimum norm ``‖W‖²_F + ‖b‖²``: the Moore-Penrose
+solution ``pinv([X, 1]) Y``, which is what the reference code computes.
+
+Rows arrive batch by batch; memory depends on p and q only, never on n. Two accumulators:
+
+`QRAccumulator` (the default, ``solver="qr"``)
+    Keeps the triangular factor ``R`` (m x m, m = 1 + p + q) of the augmented matrix
+    ``A = [1, X, Y]``, updated by a QR factorisation of ``[R; new rows]``. ``RᵀR = AᵀA``:
+    these are the normal equations in square-root (Cholesky-factor) form, but without
+    ever forming ``AᵀA``, so the condition number is not squared. Everything is read
+    off ``R`` exactly: with the ones column first, ``R[1:1+p, 1:1+p]`` is a factor of the
+    centred source, ``pinv([1, X]) Y = pinv(R11) R12`` (``R11`` is the leading
+    (1+p) x (1+p) block, with the singular values of ``[1, X]`` itself), and the residual
+    of any linear combination ``A v`` is ``‖R v‖``. Cost per row: about 2 m² flops.
+
+`GramAccumulator` (``solver="gram"``)
+    The normal equations proper, accumulated *centred*: the row count, the column
+    means and the centred cross-products ``Xcᵀ Xc``, ``Xcᵀ Yc`` (and ``Ycᵀ Yc`` or its
+    diagonal), merged batch by batch with Chan et al.'s pairwise update, so no
+    ``1ᵀX`` mean term is ever subtracted from a large uncentred sum. Solved by an
+    eigendecomposition of ``Xcᵀ Xc``; eigenvalues at or below the cut-off define its null
+    space, and the minimum-norm solution over (W, b) *jointly* is restored exactly from
+    the centred one (see `GramAccumulator.solve`). About p·(p+q) flops per row, as GEMM:
+    several times faster than QR on a CPU, but the Gram squares the condition number,
+    so singular values of the centred source below about ``sqrt(eps·n)`` times the
+    largest cannot be resolved.
+
+Cut-offs (``rcond`` is always relative to a *singular value*, never to an eigenvalue):
+
+* qr: singular values ``s`` of ``[1, X_r]`` (X_r the source after the optional low-rank
+  approximation) with ``s <= rcond * s_max`` are treated as zero, as ``numpy.linalg.pinv``
+  does; default ``rcond = eps * max(n, 1 + p)``, the default of ``numpy.linalg.lstsq``.
+* gram: eigenvalues ``λ`` of the centred ``X_rᵀ X_r`` with ``sqrt(λ) <= rcond * sqrt(λ_max)``
+  are treated as zero; default ``rcond = sqrt(eps * max(n, p))``, because the Gram's
+  eigenvalues carry absolute errors of order ``eps·λ_max``.
+
+Low-rank approximation (REFERENCE.md, "Low-rank approximation"): the rank-r approximation
+of the centred rows, ``X_r = mean + (X − mean) V_r V_rᵀ`` with ``V_r`` the r leading right
+singular vectors, is a linear map of the columns of ``[1, X]``. It is therefore applied to
+the accumulated factor, not to the rows: no second pass over the data is needed, and the
+same projection (`LowRankProjection`) is what the stitching layer applies at evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+_EPS = torch.finfo(torch.float64).eps
+
+
+@dataclass
+class LeastSquaresFit:
+    """The solution and what to report about it (all tensors float64).
+
+    ``weight`` (q, p) and ``bias`` (q,): the map ``y = weight @ x + bias``.
+    ``residual``: ‖[1 X_r] θ − Y‖²_F / ‖Y − mean(Y)‖²_F, against the *unreduced* target.
+    ``residual_uncentred``: the same over ‖Y‖²_F (the reference code's normalisation).
+    ``rank``: numerical rank of the design ``[1, X_r]`` under ``cutoff`` (relative, as above).
+    ``projection``: ``(mean (p,), basis (p, r))`` of the source's low-rank approximation,
+    or None.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    residual: float
+    residual_uncentred: float
+    rank: int
+    n_rows: int
+    cutoff: float
+    projection: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def _as_rows(x: torch.Tensor, width: int, what: str, device: torch.device) -> torch.Tensor:
+    x = torch.as_tensor(x)
+    if x.ndim != 2 or x.shape[1] != width:
+        raise ValueError(f"{what} rows must have shape (n, {width}), got {tuple(x.shape)}")
+    x = x.to(device=device, dtype=torch.float64)
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{what} activations contain NaN or inf")
+    return x
+
+
+def _check_rank(rank: int | None, width: int, what: str) -> int | None:
+    """None when no reduction is asked for or ``rank >= width`` (the identity)."""
+    if rank is None:
+        return None
+    if rank < 1:
+        raise ValueError(f"{what} rank must be >= 1, got {rank}")
+    return None if rank >= width else int(rank)
+
+
+class _Accumulator:
+    def __init__(self, p: int, q: int, device: torch.device | str | None = None):
+        if p < 1 or q < 1:
+            raise ValueError(f"need at least one source and one target column, got p={p}, q={q}")
+        self.p, self.q = int(p), int(q)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.n = 0
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add rows ``x`` (b, p) and ``y`` (b, q) (any float dtype; converted to float64)."""
+        x = _as_rows(x, self.p, "source", self.device)
+        y = _as_rows(y, self.q, "target", self.device)
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"{x.shape[0]} source rows but {y.shape[0]} target rows")
+        if x.shape[0]:
+            self._update(x, y)
+            self.n += x.shape[0]
+
+    def _update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _require_rows(self) -> None:
+        if self.n == 0:
+            raise ValueError("no rows were accumulated: the least-squares problem is empty")
+
+
+class QRAccumulator(_Accumulator):
+    """Triangular factor of ``[1, X, Y]``, updated by QR of ``[R; new rows]``.
+
+    ``max_rows`` bounds the rows factorised at once (a batch is split), which bounds the
+    float64 working memory at about ``max_rows * m * 8`` bytes, times two for LAPACK.
+    """
+
+    def __init__(self, p: int, q: int, device: torch.device | str | None = None, max_rows: int = 65536):
+        super().__init__(p, q, device)
+        self.m = 1 + self.p + self.q
+        self.max_rows = max(int(max_rows), self.m)
+        self.R = torch.zeros(0, self.m, dtype=torch.float64, device=self.device)
+
+    def _update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        for start in range(0, x.shape[0], self.max_rows):
+            xs, ys = x[start : start + self.max_rows], y[start : start + self.max_rows]
+            ones = torch.ones(xs.shape[0], 1, dtype=torch.float64, device=self.device)
+            stacked = torch.cat([self.R, torch.cat([ones, xs, ys], dim=1)], dim=0)
+            self.R = torch.linalg.qr(stacked, mode="r")[1]
+
+    def factor(self) -> torch.Tensor:
+        """R (m, m) with RᵀR = [1 X Y]ᵀ[1 X Y] (zero rows added when n < m)."""
+        self._require_rows()
+        R = self.R
+        if R.shape[0] < self.m:
+            R = torch.cat([R, R.new_zeros(self.m - R.shape[0], self.m)], dim=0)
+        return R
+
+    def solve(
+        self, rcond: float | None = None, source_rank: int | None = None, target_rank: int | None = None
+    ) -> LeastSquaresFit:
+        """Minimum-norm least squares of Y (or its rank-``target_rank`` approximation) on
+        ``[1, X_r]``, X_r the rank-``source_rank`` approximation of X (or X)."""
+        R = self.factor()
+        p, q, m = self.p, self.q, self.m
+        p1 = 1 + p
+        source_rank = _check_rank(source_rank, p, "source")
+        target_rank = _check_rank(target_rank, q, "target")
+        eye = torch.eye(m, dtype=torch.float64, device=self.device)
+        # ±sqrt(n) in R[0, 0]; row 0 of R is that times the column means.
+        means = R[0] / R[0, 0]
+        mean_x, mean_y = means[1:p1], means[p1:]
+
+        # Columns of [1, X_r] and of the target, as combinations of the columns of [1, X, Y].
+        Bs = eye[:, :p1].clone()
+        projection = None
+        if source_rank is not None:
+            # Singular vectors of the centred source: R[1:p1, 1:p1] is its R factor.
+            basis = torch.linalg.svd(R[1:p1, 1:p1], full_matrices=False)[2][:source_rank].T
+            P = basis @ basis.T
+            Bs[1:p1, 1:] = P
+            Bs[0, 1:] = mean_x - mean_x @ P
+            projection = (mean_x.clone(), basis.contiguous())
+        By = eye[:, p1:]
+        Bt = By
+        if target_rank is not None:
+            # Rows 1.. of the Y columns of R are a factor of the centred target.
+            basis_y = torch.linalg.svd(R[1:, p1:], full_matrices=False)[2][:target_rank].T
+            Q = basis_y @ basis_y.T
+            Bt = torch.zeros(m, q, dtype=torch.float64, device=self.device)
+            Bt[p1:] = Q
+            Bt[0] = mean_y - mean_y @ Q
+
+        # Only the first p1 rows of R touch the first p1 columns (R is triangular).
+        M = R[:p1, :p1] @ Bs[:p1]
+        rhs = (R @ Bt)[:p1]
+        U, s, Vh = torch.linalg.svd(M, full_matrices=False)
+        rel = _EPS * max(self.n, p1) if rcond is None else float(rcond)
+        keep = s > rel * s[0]
+        theta = Vh[keep].T @ ((U[:, keep].T @ rhs) / s[keep, None])  # (p1, q): [b; Wᵀ]
+
+        resid = R @ (Bs @ theta - By)
+        res_sq = float((resid * resid).sum())
+        yc_sq = float((R[1:, p1:] ** 2).sum())
+        y_sq = float((R[:, p1:] ** 2).sum())
+        return LeastSquaresFit(
+            weight=theta[1:].T.contiguous(),
+            bias=theta[0].clone(),
+            residual=_ratio(res_sq, yc_sq),
+            residual_uncentred=_ratio(res_sq, y_sq),
+            rank=int(keep.sum()),
+            n_rows=self.n,
+            cutoff=rel,
+            projection=projection,
+        )
+
+
+class GramAccumulator(_Accumulator):
+    """Centred normal equations, merged batch by batch (Chan, Golub & LeVeque 1979).
+
+    ``full_yy`` keeps the whole ``Ycᵀ Yc`` (needed for a low-rank target); otherwise only
+    its trace is kept.
+    """
+
+    def __init__(self, p: int, q: int, device: torch.device | str | None = None, full_yy: bool = False):
+        super().__init__(p, q, device)
+        self.full_yy = full_yy
+        z = {"dtype": torch.float64, "device": self.device}
+        self.mean_x = torch.zeros(self.p, **z)
+        self.mean_y = torch.zeros(self.q, **z)
+        self.Sxx = torch.zeros(self.p, self.p, **z)
+        self.Sxy = torch.zeros(self.p, self.q, **z)
+        self.Syy = torch.zeros(self.q, self.q, **z) if full_yy else torch.zeros(self.q, **z)
+
+    def _update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        nb = x.shape[0]
+        mx, my = x.mean(0), y.mean(0)
+        xc, yc = x - mx, y - my
+        dx, dy = mx - self.mean_x, my - self.mean_y
+        n = self.n + nb
+        w = self.n * nb / n
+        self.Sxx += xc.T @ xc + w * torch.outer(dx, dx)
+        self.Sxy += xc.T @ yc + w * torch.outer(dx, dy)
+        if self.full_yy:
+            self.Syy += yc.T @ yc + w * torch.outer(dy, dy)
+        else:
+            self.Syy += (yc * yc).sum(0) + w * dy * dy
+        self.mean_x += dx * (nb / n)
+        self.mean_y += dy * (nb / n)
+
+    def solve(
+        self, rcond: float | None = None, source_rank: int | None = None, target_rank: int | None = None
+    ) -> LeastSquaresFit:
+        """Minimum-norm solution over (W, b) jointly, from the centred normal equations.
+
+        With ``Xc`` the centred (and optionally rank-reduced) source, every least-squares
+        solution is ``W = W0 + V`` (rows of ``V`` in the null space N of ``Xc``) with
+        ``b = ȳ − W x̄``, where ``W0`` is the minimum-norm centred solution. Minimising
+        ``‖W‖² + ‖b‖²`` over V gives, with ``a = U_Nᵀ x̄`` (U_N a basis of N) and
+        ``b0 = ȳ − W0 x̄``: ``b = b0 / (1 + ‖a‖²)`` and ``W = W0 + b (U_N a)ᵀ``: exactly
+        ``pinv([X, 1]) Y``, not merely the minimum-norm W.
+        """
+        self._require_rows()
+        if target_rank is not None and not self.full_yy:
+            raise ValueError("a low-rank target needs GramAccumulator(full_yy=True)")
+        source_rank = _check_rank(source_rank, self.p, "source")
+        target_rank = _check_rank(target_rank, self.q, "target")
+        Sxx, Sxy = self.Sxx, self.Sxy
+        projection = None
+        P = None
+        if source_rank is not None:
+            basis = torch.linalg.eigh(Sxx)[1][:, -source_rank:].flip(1)
+            P = basis @ basis.T
+            Sxx = P @ Sxx @ P
+            Sxy = P @ Sxy
+            projection = (self.mean_x.clone(), basis.contiguous())
+        if target_rank is not None:
+            basis_y = torch.linalg.eigh(self.Syy)[1][:, -target_rank:]
+            Sxy = Sxy @ (basis_y @ basis_y.T)
+
+        lam, V = torch.linalg.eigh(Sxx)  # ascending
+        rel = (_EPS * max(self.n, self.p)) ** 0.5 if rcond is None else float(rcond)
+        lam_max = float(lam[-1])
+        keep = lam > (rel * rel) * lam_max if lam_max > 0 else torch.zeros_like(lam, dtype=torch.bool)
+        Vk = V[:, keep]
+        Wt0 = Vk @ ((Vk.T @ Sxy) / lam[keep, None])  # (p, q)
+        b0 = self.mean_y - self.mean_x @ Wt0
+        a = V[:, ~keep].T @ self.mean_x
+        denom = 1.0 + float(a @ a)
+        b = b0 / denom
+        Wt = Wt0 + torch.outer(V[:, ~keep] @ a, b)
+
+        # Residual against the unreduced target; the bias makes the row-mean residual zero.
+        E = Wt if P is None else P @ Wt  # the map applied to the centred, unreduced source
+        syy = torch.diagonal(self.Syy).sum() if self.full_yy else self.Syy.sum()
+        res_sq = float(syy - 2 * (E * self.Sxy).sum() + (E * (self.Sxx @ E)).sum())
+        y_sq = float(syy + self.n * (self.mean_y @ self.mean_y))
+        return LeastSquaresFit(
+            weight=Wt.T.contiguous(),
+            bias=b,
+            residual=_ratio(res_sq, float(syy)),
+            residual_uncentred=_ratio(res_sq, y_sq),
+            rank=1 + int(keep.sum()),
+            n_rows=self.n,
+            cutoff=rel,
+            projection=projection,
+        )
+
+
+def _ratio(num: float, den: float) -> float:
+    if den > 0:
+        return num / den
+    return 0.0 if num == 0 else float("inf")
+
+
+def make_accumulator(
+    solver: str, p: int, q: int, device: torch.device | str | None = None, *, target_rank: int | None = None
+) -> QRAccumulator | GramAccumulator:
+    if solver == "qr":
+        return QRAccumulator(p, q, device)
+    if solver == "gram":
+        return GramAccumulator(p, q, device, full_yy=target_rank is not None)
+    raise ValueError(f"unknown solver {solver!r}; use 'qr' or 'gram'")
+
+
+class LowRankProjection(nn.Module):
+    """Fixed rank-r approximation in channel (or embedding) space, applied at every
+    position or token: ``x -> mean + (x - mean) V Vᵀ``.
+
+    ``mean`` (C,) and ``basis`` V (C, r) are buffers fitted once on the DM sample; nothing
+    here is trained. Input (N, C, H, W) or (N, T, C); output has the same shape.
+    """
+
+    def __init__(self, mean: torch.Tensor, basis: torch.Tensor):
+        super().__init__()
+        if mean.ndim != 1 or basis.ndim != 2 or basis.shape[0] != mean.shape[0]:
+            raise ValueError(
+                f"mean (C,) and basis (C, r) expected, got {tuple(mean.shape)}, {tuple(basis.shape)}"
+            )
+        self.register_buffer("mean", mean.detach().clone().float())
+        self.register_buffer("basis", basis.detach().clone().float())
+
+    @property
+    def rank(self) -> int:
+        return self.basis.shape[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = x.ndim == 4
+        h = x.movedim(1, -1) if conv else x
+        mean, basis = self.mean.to(h.dtype), self.basis.to(h.dtype)
+        h = mean + ((h - mean) @ basis) @ basis.T
+        return h.movedim(-1, 1).contiguous() if conv else h
+
+    def extra_repr(self) -> str:
+        return f"channels={self.mean.shape[0]}, rank={self.rank}"
