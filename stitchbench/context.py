@@ -30,6 +30,8 @@ class MatrixRecord:
     values: np.ndarray
     run_id: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: For stitching matrices: a callable (i, j) -> state dict of that cell's stitcher.
+    stitcher_state: Any = None
 
 
 @dataclass
@@ -72,3 +74,33 @@ class RunContext:
 
     def get_plugin(self, name: str) -> Any:
         return self.plugins.get(name)
+
+    def layer_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-example activation shape of every stitchable layer."""
+        net = next(iter(self.networks.values()))
+        return net.layer_shapes(tuple(self.data.image_shape))
+
+    def stitching_layer(self, record: MatrixRecord, i: int, j: int) -> Any:
+        """The fitted stitching layer of cell (i, j) of a stitching matrix, on ``device``,
+        in eval mode: T for source layer ``record.layers[i]`` -> target ``record.layers[j]``."""
+        from .lowrank import LowRankProjection
+        from .stitching import StitchingLayer
+
+        if record.stitcher_state is None:
+            raise ValueError(f"matrix {record.measure} ({record.scope}) has no stitchers (it is not a stitching matrix)")
+        shapes = self.layer_shapes()
+        state = record.stitcher_state(i, j)
+        layer = StitchingLayer(shapes[record.layers[i]], shapes[record.layers[j]])
+        if "source_transform.basis" in state:
+            layer.source_transform = LowRankProjection(state["source_transform.mean"], state["source_transform.basis"])
+        layer.load_state_dict(state)
+        return layer.to(self.device).eval()
+
+    def stitched_network(self, record: MatrixRecord, i: int, j: int) -> Any:
+        """g>j ∘ T ∘ f<=i for cell (i, j), both halves frozen in eval mode."""
+        from .stitching import StitchedNetwork
+
+        return StitchedNetwork(
+            self.networks[record.source], record.layers[i], self.stitching_layer(record, i, j),
+            self.networks[record.target], record.layers[j],
+        )

@@ -67,7 +67,27 @@ class CellCache:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _record(job: MatrixJob, plan: Plan, values: np.ndarray, run_id: str | None) -> MatrixRecord:
+def _stitcher_lookup(stitchers: dict[str, torch.Tensor] | None, run_id: str | None):
+    """(i, j) -> the state dict of cell (i, j), from memory or, lazily, from the run's
+    ``matrix/stitchers.pt`` artifact (read with ``weights_only=True``)."""
+    loaded: dict[str, dict[str, torch.Tensor]] = {}
+
+    def get(i: int, j: int) -> dict[str, torch.Tensor]:
+        if not loaded:
+            flat = stitchers
+            if flat is None:
+                flat = torch.load(tracking.download(run_id, "matrix/stitchers.pt"), map_location="cpu",
+                                  weights_only=True)
+            for k, v in flat.items():
+                cell, name = k.split(".", 1)
+                loaded.setdefault(cell, {})[name] = v
+        return loaded[f"{i}_{j}"]
+
+    return get
+
+
+def _record(job: MatrixJob, plan: Plan, values: np.ndarray, run_id: str | None,
+            stitchers: dict[str, torch.Tensor] | None = None) -> MatrixRecord:
     obj = job.plugin.obj
     functional = job.kind == "stitch_matrix"
     return MatrixRecord(
@@ -81,6 +101,7 @@ def _record(job: MatrixJob, plan: Plan, values: np.ndarray, run_id: str | None) 
         layers=list(plan.layers),
         values=values,
         run_id=run_id,
+        stitcher_state=_stitcher_lookup(stitchers, run_id) if functional else None,
     )
 
 
@@ -169,7 +190,7 @@ def run_stitch_matrix(
                     bar.update(1)
         if not np.all(np.isfinite(values)):
             raise JobError(job.label, matcher.name, ValueError("the matrix has non-finite cells"))
-        record = _record(job, plan, values, run.info.run_id)
+        record = _record(job, plan, values, run.info.run_id, stitchers)
         _log_matrix(job, plan, values, record)
         with tempfile.TemporaryDirectory() as d:
             p = Path(d) / "stitchers.pt"

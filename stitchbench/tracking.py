@@ -33,6 +33,7 @@ EXPERIMENT_KIND = "custom_model_development"  # open as a model-training experim
 def quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # alembic prints every migration step at INFO when a store is created
     for name in ("alembic", "mlflow"):
         logging.getLogger(name).setLevel(logging.WARNING)

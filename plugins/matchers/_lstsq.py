@@ -53,6 +53,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from stitchbench.lowrank import LowRankProjection  # noqa: F401 - re-exported for the dm plugin
+
 _EPS = torch.finfo(torch.float64).eps
 
 
@@ -318,33 +320,3 @@ def make_accumulator(
     raise ValueError(f"unknown solver {solver!r}; use 'qr' or 'gram'")
 
 
-class LowRankProjection(nn.Module):
-    """Fixed rank-r approximation in channel (or embedding) space, applied at every
-    position or token: ``x -> mean + (x - mean) V Vᵀ``.
-
-    ``mean`` (C,) and ``basis`` V (C, r) are buffers fitted once on the DM sample; nothing
-    here is trained. Input (N, C, H, W) or (N, T, C); output has the same shape.
-    """
-
-    def __init__(self, mean: torch.Tensor, basis: torch.Tensor):
-        super().__init__()
-        if mean.ndim != 1 or basis.ndim != 2 or basis.shape[0] != mean.shape[0]:
-            raise ValueError(
-                f"mean (C,) and basis (C, r) expected, got {tuple(mean.shape)}, {tuple(basis.shape)}"
-            )
-        self.register_buffer("mean", mean.detach().clone().float())
-        self.register_buffer("basis", basis.detach().clone().float())
-
-    @property
-    def rank(self) -> int:
-        return self.basis.shape[1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv = x.ndim == 4
-        h = x.movedim(1, -1) if conv else x
-        mean, basis = self.mean.to(h.dtype), self.basis.to(h.dtype)
-        h = mean + ((h - mean) @ basis) @ basis.T
-        return h.movedim(-1, 1).contiguous() if conv else h
-
-    def extra_repr(self) -> str:
-        return f"channels={self.mean.shape[0]}, rank={self.rank}"
