@@ -160,10 +160,12 @@ def run_stitch_matrix(
     matcher = job.plugin.obj
     with child_run(job.label, _tags(job)) as run:
         mlflow.log_params({f"{job.plugin.name}.{k}": v for k, v in job.plugin.params_dict().items()} or {"params": "{}"})
+        resumed = 0
         with progress_bar(total=n * n, desc=job.label, unit="stitcher") as bar:
             for i, s_layer in enumerate(plan.layers):
                 for j, t_layer in enumerate(plan.layers):
                     done = cells.get(i, j)
+                    resumed += done is not None
                     if done is None:
                         problem = StitchingProblem(
                             source=src.net, source_layer=s_layer, target=tgt.net, target_layer=t_layer,
@@ -181,13 +183,17 @@ def run_stitch_matrix(
                                 f"fit() returned {type(layer).__name__}, expected a stitchbench.StitchingLayer"))
                         acc = stitched_accuracy(problem, layer, cache, plan.config.stitching.eval_batch_size)
                         rel = acc / tgt.test_accuracy if tgt.test_accuracy > 0 else float("nan")
-                        done = {"relative_accuracy": torch.tensor(rel), "accuracy": torch.tensor(acc),
+                        done = {"relative_accuracy": torch.tensor(rel, dtype=torch.float64),
+                                "accuracy": torch.tensor(acc, dtype=torch.float64),
                                 "state": {k: v.detach().cpu() for k, v in layer.state_dict().items()}}
                         cells.put(i, j, done)
                     values[i, j] = float(done["relative_accuracy"])
                     for k, v in done["state"].items():
                         stitchers[f"{i}_{j}.{k}"] = v
                     bar.update(1)
+        mlflow.log_metric("cells_resumed", resumed)
+        if resumed:
+            log.info("%s: resumed %d finished stitchers of an interrupted run", job.label, resumed)
         if not np.all(np.isfinite(values)):
             raise JobError(job.label, matcher.name, ValueError("the matrix has non-finite cells"))
         record = _record(job, plan, values, run.info.run_id, stitchers)

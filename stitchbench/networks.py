@@ -118,7 +118,7 @@ def _register(plan: Plan, spec: NetworkSpec, net: StitchableNetwork, run_id: str
 
     import mlflow
 
-    tags = {tracking.TAG_KEY: spec.key, "test_accuracy": f"{acc:.6f}", "seed": str(spec.seed)}
+    tags = {tracking.TAG_KEY: spec.key, "test_accuracy": repr(float(acc)), "seed": str(spec.seed)}
     example = next(iter(torch.utils.data.DataLoader(plan.data.test, batch_size=2)))[0].float()
     example = example.to(next(net.parameters()).device)
     chatter = io.StringIO()  # MLflow prints "Successfully registered model ..." to stderr

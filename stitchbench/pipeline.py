@@ -55,7 +55,9 @@ def execute(plan: Plan, plugins: PluginSet, workspace: Path, *, client: Any = No
         log.warning("preset %s is sized for a GPU; on the CPU it will take very long", cfg.name)
     client = client or tracking.connect(workspace)
     exp_id = tracking.experiment_id(client, cfg.name, workspace)
+    tracking.end_stale_runs(client, exp_id)
     tags = {
+        **tracking.this_process_tags(),
         tracking.TAG_KIND: "parent",
         "stitchbench.command": shlex.join(["stitchbench", *sys.argv[1:]]) if sys.argv else "stitchbench run",
         "stitchbench.plan": ",".join(u.name for u in plan.matchers + plan.indices + plan.evaluations),

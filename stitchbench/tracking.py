@@ -123,6 +123,52 @@ def find_finished_job(client: Any, key: str) -> Any | None:
     return runs[0] if runs else None
 
 
+def this_process_tags() -> dict[str, str]:
+    """Tags that let a later run tell whether this process is still alive."""
+    import socket
+
+    return {"stitchbench.host": socket.gethostname(), "stitchbench.pid": str(os.getpid())}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def end_stale_runs(client: Any, experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING parent runs (and their RUNNING nested runs) whose process,
+    on this host, no longer exists: what a ``kill -9`` or a crash leaves behind."""
+    import socket
+
+    host = socket.gethostname()
+    stale = []
+    running = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{TAG_KIND}` = 'parent' and attributes.status = 'RUNNING'",
+        max_results=1000,
+    )
+    for run in running:
+        tags = run.data.tags
+        pid = tags.get("stitchbench.pid")
+        if tags.get("stitchbench.host") != host or not pid or not pid.isdigit() or _alive(int(pid)):
+            continue
+        children = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}' and attributes.status = 'RUNNING'",
+            max_results=10000,
+        )
+        for child in children:
+            client.set_terminated(child.info.run_id, status="KILLED")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        stale.append(run.info.run_id)
+        log.warning("run %s was left RUNNING by a process that no longer exists; marked KILLED", run.info.run_id)
+    return stale
+
+
 def log_json(obj: Any, artifact_file: str, run_id: str | None = None) -> None:
     import mlflow
 

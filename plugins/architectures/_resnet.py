@@ -23,6 +23,28 @@ def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
 
 
+class StridedPointwiseConv(nn.Conv2d):
+    """1x1 convolution with a stride, computed as subsampling then a stride-1 1x1 conv.
+
+    The same function and parameters as ``nn.Conv2d(kernel_size=1, stride=s)``. Why: on
+    CPU, oneDNN's weight gradient of a strided 1x1 convolution (torch 2.14) is not
+    deterministic, and with one thread it corrupted the heap; this form gives
+    bit-identical training across processes.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__(in_channels, out_channels, kernel_size=1, stride=1, bias=False)
+        self.step = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.step != 1:
+            x = x[:, :, :: self.step, :: self.step]
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", subsample={self.step}"
+
+
 class BasicBlock(nn.Module):
     """The two-conv residual block of ResNet-18: (N, C_in, H, W) -> (N, C_out, H/s, W/s).
 
@@ -41,7 +63,7 @@ class BasicBlock(nn.Module):
         self.shortcut: nn.Module
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
+                StridedPointwiseConv(in_channels, out_channels, stride),
                 nn.BatchNorm2d(out_channels),
             )
         else:
