@@ -330,8 +330,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     rows = []
     for name in names:
         idx = plugins.get(name, "similarity_index")
-        if getattr(idx, "needs_train_activations", False) and not args.index:
-            continue
         try:
             value = float(idx.compute(a, b))
             rows.append({"index": name, "value": value, "higher_is_more_similar": idx.higher_is_more_similar})
