@@ -52,6 +52,7 @@ class ActivationCache:
     def __init__(self, max_bytes: int = 4 << 30):
         self.max_bytes = max_bytes
         self._store: dict[tuple[Any, ...], dict[str, torch.Tensor]] = {}
+        self._numpy: dict[tuple[Any, ...], dict[str, Any]] = {}
 
     def all_layers(
         self, net: StitchableNetwork, split: str, n: int | None, data: LoadedDataset, seed: int = 0
@@ -83,8 +84,21 @@ class ActivationCache:
     ) -> torch.Tensor:
         return self.all_layers(net, split, n, data, seed)[layer].to(device)
 
+    def numpy_layers(
+        self, net: StitchableNetwork, split: str, n: int | None, data: LoadedDataset, seed: int, layers: list[str]
+    ) -> list[Any]:
+        """The layers' activations as numpy arrays, the same objects on every call (so
+        indices can key per-layer statistics by identity for the whole run)."""
+        key = ("numpy", id(net), split, n, seed if split == "train_sample" else None)
+        views = self._numpy.get(key)
+        if views is None:
+            views = {name: a.numpy() for name, a in self.all_layers(net, split, n, data, seed).items()}
+            self._numpy[key] = views
+        return [views[name] for name in layers]
+
     def nbytes(self) -> int:
         return sum(a.numel() * a.element_size() for acts in self._store.values() for a in acts.values())
 
     def clear(self) -> None:
         self._store.clear()
+        self._numpy.clear()

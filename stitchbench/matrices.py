@@ -242,6 +242,7 @@ def _fits(problem: StitchingProblem, cache: ActivationCache) -> bool:
 
 def run_index_matrix(
     job: MatrixJob, plan: Plan, nets: dict[str, TrainedNetwork], cache: ActivationCache, client: Any,
+    shared: dict[Any, Any] | None = None,
 ) -> MatrixRecord:
     reused = _reuse(job, plan, client)
     if reused is not None:
@@ -253,8 +254,7 @@ def run_index_matrix(
     src, tgt = nets[job.source.model_name], nets[job.target.model_name]
 
     def layer_list(net: Any, split: str, n: int | None) -> list[np.ndarray]:
-        acts = cache.all_layers(net, split, n, plan.data, plan.config.seed)
-        return [acts[name].numpy() for name in plan.layers]
+        return cache.numpy_layers(net, split, n, plan.data, plan.config.seed, plan.layers)
 
     sources = layer_list(src.net, "test", n_ex)
     targets = sources if job.scope == "intra" else layer_list(tgt.net, "test", n_ex)
@@ -266,6 +266,7 @@ def run_index_matrix(
         params=job.plugin.params,
         train_sample=train_sample if getattr(index, "needs_train_activations", False) else None,
         same_network=job.scope == "intra",
+        shared=shared if shared is not None else {},
     )
     with child_run(job.label, _tags(job)) as run:
         mlflow.log_params({"n_examples": n_ex, **{f"{index.name}.{k}": v for k, v in job.plugin.params_dict().items()}})

@@ -79,13 +79,14 @@ def execute(plan: Plan, plugins: PluginSet, workspace: Path, *, client: Any = No
             metrics[f"network.{name}.test_accuracy"] = t.test_accuracy
         cache = ActivationCache()
         records: list[MatrixRecord] = []
+        index_shared: dict[str, dict] = {}  # per index: statistics shared by its matrices
         reused = computed = 0
         for job in plan.jobs:
             before = tracking.find_finished_job(client, job.key) is not None
             if job.kind == "stitch_matrix":
                 rec = run_stitch_matrix(job, plan, nets, cache, client, device, workspace)
             else:
-                rec = run_index_matrix(job, plan, nets, cache, client)
+                rec = run_index_matrix(job, plan, nets, cache, client, index_shared.setdefault(job.plugin.name, {}))
             records.append(rec)
             reused += before
             computed += not before

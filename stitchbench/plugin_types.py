@@ -131,12 +131,17 @@ class IndexContext:
     index has ``needs_train_activations``) returns the per-layer activations, in the same
     layer order, of ``n`` training images drawn in the run's fixed random order, for
     ``side`` "source" or "target". ``same_network`` is True for intra-network matrices.
+    ``shared`` is a scratch mapping that lives for the whole run and is shared by every
+    ``matrix`` call of this index: the core passes the same activation objects for the same
+    (network, layer) throughout a run, so per-layer statistics kept there (keyed by object
+    identity) are computed once per run, not once per matrix.
     """
 
     params: Any = None
     train_sample: Callable[[str, int], Sequence[Any]] | None = None
     same_network: bool = False
     progress: Any = None
+    shared: dict[Any, Any] = field(default_factory=dict)
 
 
 class Evaluation(Plugin):

@@ -291,6 +291,32 @@ def test_matrix_computes_each_gram_once(monkeypatch):
     assert len(computed) == 4 + 7
 
 
+def test_run_wide_shared_context_computes_each_layer_once_across_matrices(monkeypatch):
+    """As in a run: intra A, intra B and inter A->B share one ``shared`` mapping, so the
+    2 x L layers' Gram matrices are computed 2 x L times in all, not once per matrix."""
+    computed = []
+    original = LayerStatistics.gram
+
+    def counted(self):
+        if self._gram is None:
+            computed.append(id(self))
+        return original(self)
+
+    monkeypatch.setattr(LayerStatistics, "gram", counted)
+    r = rng(1)
+    net_a = [r.standard_normal((20, 30)) for _ in range(3)]
+    net_b = [r.standard_normal((20, 30)) for _ in range(3)]
+    shared: dict = {}
+    idx = LinearCKA()
+    ctx = lambda: stitchbench.IndexContext(params=LinearCKA.Params(), shared=shared)  # noqa: E731
+    intra_a = idx.matrix(net_a, net_a, ctx())
+    idx.matrix(net_b, net_b, ctx())
+    inter = idx.matrix(net_a, net_b, ctx())
+    assert len(computed) == 6
+    assert inter[1, 2] == pytest.approx(idx.compute(net_a[1], net_b[2]), abs=1e-12)
+    assert intra_a[0, 0] == pytest.approx(1.0, abs=1e-12)
+
+
 def test_matrix_uses_context_params():
     a, b = conv_pair()[:2]
     ref = OrthogonalProcrustesDistance().matrix([a], [b], stitchbench.IndexContext(params=None))[0, 0]

@@ -91,7 +91,12 @@ class PairwiseIndex(stitchbench.SimilarityIndex):
         covariance matrix, whitening) are computed once and reused for every pair, also
         when ``sources is targets`` or an array occurs in both lists."""
         p = self._resolve(getattr(context, "params", None))
-        cache = StatsCache(p.block_elements)
+        shared = getattr(context, "shared", None)
+        if shared is not None:
+            # one cache for the whole run: each layer's statistics once, whatever the matrices
+            cache = shared.setdefault(("stats", p.block_elements), StatsCache(p.block_elements))
+        else:
+            cache = StatsCache(p.block_elements)
         same = targets is sources
         pairs = {}
         for i, a in enumerate(sources):
