@@ -291,8 +291,17 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     ws = _workspace()
     uri = tracking.tracking_uri(ws)
-    if tracking.is_local_store(uri):
-        tracking.connect(ws)  # create the store if needed, so the UI starts on a valid one
+    client = tracking.connect(ws)  # creates a local store if needed, so the UI starts on a valid one
+    # MLflow 3's UI opens in its GenAI view unless told otherwise: link to the newest
+    # stitchbench experiment in the model-training view.
+    path = "#/experiments"
+    ids = tracking.all_experiment_ids(client)
+    latest = client.search_runs(ids, filter_string=f"tags.`{tracking.TAG_KIND}` = 'parent'",
+                                order_by=["attributes.start_time DESC"], max_results=1) if ids else []
+    if latest:
+        path = f"#/experiments/{latest[0].info.experiment_id}"
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    url = f"http://{host}:{args.port}/{path}?workflowType=machine_learning"
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"stitchbench: warning: the MLflow UI has no authentication; binding to {args.host} lets anyone "
               "who can reach this machine read and change your runs", file=sys.stderr)
@@ -300,7 +309,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     cmd = [exe, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
     if tracking.is_local_store(uri):
         cmd += ["--default-artifact-root", (ws / "mlruns" / "artifacts").as_uri()]
-    print(f"MLflow UI on http://{args.host}:{args.port}  (store {uri}); Ctrl-C stops it", file=sys.stderr)
+    print(f"MLflow UI on {url}\n  (store {uri}; Ctrl-C stops it)", file=sys.stderr)
     env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY=os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true"))
     return subprocess.call(cmd, env=env)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import shlex
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,8 @@ def execute(plan: Plan, plugins: PluginSet, workspace: Path, *, client: Any = No
     }
     metrics: dict[str, float] = {}
     texts: list[str] = []
-    with parent_run(exp_id, cfg, run_name=None, tags=tags) as parent:
+    run_name = f"{cfg.name} {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    with parent_run(exp_id, cfg, run_name=run_name, tags=tags) as parent:
         mlflow.log_text(plan.describe(), "plan.txt")
         nets = {}
         for spec in plan.networks:

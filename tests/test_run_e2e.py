@@ -6,6 +6,7 @@ import json
 import textwrap
 
 import mlflow
+import numpy as np
 import pytest
 
 from .conftest import cli
@@ -81,6 +82,14 @@ def test_run_logs_parent_nested_runs_and_registered_models(finished):
         assert len(by_plugin[measure]) == 3, measure
     models = {m.name for m in client.search_registered_models()}
     assert {"digits-resnet18-w4-seed0", "digits-resnet18-w4-seed1"} <= models
+    # A DM self-stitch of a layer to itself keeps the network's accuracy: diagonal 1.00 +- 0.01.
+    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlruns' / 'mlflow.db'}")
+    for run in by_plugin["dm"]:
+        if run.data.tags["stitchbench.scope"] == "intra":
+            values = np.load(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                                 artifact_path="matrix/values.npy"))
+            assert values.shape == (3, 3)
+            np.testing.assert_allclose(np.diag(values), 1.0, atol=0.01)
     artifacts = {a.path for a in client.list_artifacts(by_plugin["tlm"][0].info.run_id, "matrix")}
     assert {"matrix/values.npy", "matrix/values.csv", "matrix/heatmap.png", "matrix/stitchers.pt"} <= artifacts
     assert "networks trained 2" in first.stdout
