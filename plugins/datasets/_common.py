@@ -9,12 +9,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stitchbench import DatasetPlugin, UsageError
+from pydantic import Field
+
+from stitchbench import DatasetPlugin, Params, UsageError
 
 if TYPE_CHECKING:
     import numpy as np
 
     from stitchbench.data import TensorSplit
+
+
+class SplitLimits(Params):
+    """Params of a data set read whole into memory: optionally only the first N images."""
+
+    limit_train: int | None = Field(None, ge=1, description="use only the first N training images")
+    limit_test: int | None = Field(None, ge=1, description="use only the first N test images")
 
 
 def validated(plugin: DatasetPlugin, params: Any) -> Any:

@@ -12,12 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import Field
-
 import stitchbench
 from stitchbench import DatasetPlugin, Params, UsageError
 
-from ._common import missing_error, require_data_dir, uint8_split, validated
+from ._common import SplitLimits, missing_error, require_data_dir, uint8_split, validated
 
 if TYPE_CHECKING:
     import numpy as np
@@ -59,9 +57,8 @@ class Svhn(DatasetPlugin):
     needs_data_dir = True
     downloadable = True
 
-    class Params(Params):
-        limit_train: int | None = Field(None, ge=1, description="use only the first N training images")
-        limit_test: int | None = Field(None, ge=1, description="use only the first N test images")
+    class Params(SplitLimits):
+        """Use only the first N training / test images (all by default)."""
 
     def load(
         self, params: Params | dict | None, data_dir: Path | None, download: bool = False
