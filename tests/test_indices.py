@@ -308,7 +308,7 @@ def test_run_wide_shared_context_computes_each_layer_once_across_matrices(monkey
     net_b = [r.standard_normal((20, 30)) for _ in range(3)]
     shared: dict = {}
     idx = LinearCKA()
-    ctx = lambda: stitchbench.IndexContext(params=LinearCKA.Params(), shared=shared)  # noqa: E731
+    ctx = lambda: stitchbench.IndexContext(params=LinearCKA.Params(), shared=shared)
     intra_a = idx.matrix(net_a, net_a, ctx())
     idx.matrix(net_b, net_b, ctx())
     inter = idx.matrix(net_a, net_b, ctx())

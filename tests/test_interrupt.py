@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-
 import textwrap
 import time
 
@@ -73,7 +72,7 @@ def test_sigterm_marks_the_run_killed(tmp_path):
     proc = _start(ws)
     _wait_for_cells(ws, 1, proc)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err and "Traceback" not in err
     client = _client(ws)

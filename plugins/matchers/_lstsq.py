@@ -51,7 +51,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from stitchbench.lowrank import LowRankProjection  # noqa: F401 - re-exported for the dm plugin
 
