@@ -150,3 +150,41 @@ def test_registered_third_party_plugin_is_used_by_a_run(finished, tmp_path):
     parent_id = r["run_id"]
     kids = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
     assert {k.data.tags.get("stitchbench.plugin") for k in kids} == {"mean_norm", "layer_identification"}
+
+
+FAILING = '''
+import stitchbench
+
+class Exploding(stitchbench.SimilarityIndex):
+    """An index that always raises (a test plugin)."""
+    name = "exploding"
+    higher_is_more_similar = True
+
+    def compute(self, A, B):
+        raise RuntimeError("kaboom in compute")
+
+@stitchbench.hookimpl
+def register_similarity_indices(register):
+    register(Exploding())
+'''
+
+
+def test_a_plugin_failing_in_a_job_names_the_plugin_and_the_job(finished, tmp_path):
+    ws, _, _ = finished
+    f = tmp_path / "exploding.py"
+    f.write_text(FAILING)
+    assert cli("plugins", "register", str(f), cwd=ws).returncode == 0
+    try:
+        p = cli("run", "--config", "tiny.yaml", "--plugin", "exploding", cwd=ws)
+    finally:
+        cli("plugins", "unregister", "exploding", cwd=ws)
+    assert p.returncode == 1
+    assert "exploding [intra] digits-resnet18-w4-seed0" in p.stderr and "plugin exploding" in p.stderr
+    assert "kaboom in compute" in p.stderr and "Traceback" not in p.stderr
+    client = _client(ws)
+    exp = client.get_experiment_by_name("tiny")
+    newest = client.search_runs([exp.experiment_id], "tags.`stitchbench.kind` = 'parent'",
+                                order_by=["attributes.start_time DESC"], max_results=1)[0]
+    assert newest.info.status == "FAILED"
+    failed_jobs = client.search_runs([exp.experiment_id], "tags.`stitchbench.plugin` = 'exploding'")
+    assert [r.info.status for r in failed_jobs] == ["FAILED"]
