@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from stitchbench.cli import main
 from stitchbench.config import apply_override, build_config, preset_names
 from stitchbench.errors import ConfigError, UsageError
 
@@ -102,20 +103,23 @@ def test_unknown_preset():
         (["--config", "/nonexistent/c.yaml"], "does not exist"),
     ],
 )
-def test_cli_bad_input_exits_2(workspace, args, needle):
-    p = cli("run", "--dry-run", *args, cwd=workspace)
-    assert p.returncode == 2, (p.stdout, p.stderr)
-    assert needle in p.stderr
-    assert "Traceback" not in p.stderr
+def test_cli_bad_input_exits_2(workspace, capsys, args, needle):
+    # in-process for speed; tests/test_plugins.py and test_run_e2e.py drive the real command
+    code = main(["run", "--dry-run", *args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert needle in err
+    assert "Traceback" not in err
     assert not (workspace / "mlruns" / "mlflow.db").exists()
 
 
-def test_data_dir_without_the_data(workspace, tmp_path):
+def test_data_dir_without_the_data(workspace, tmp_path, capsys):
     empty = tmp_path / "data"
     empty.mkdir()
-    p = cli("run", "--dry-run", "--set", "dataset.name=cifar10", "--data-dir", str(empty), cwd=workspace)
-    assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert str(empty) in p.stderr
+    code = main(["run", "--dry-run", "--set", "dataset.name=cifar10", "--data-dir", str(empty)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert str(empty) in err
 
 
 def test_dry_run_prints_the_plan(workspace):
