@@ -70,6 +70,11 @@ def connect(workspace: Path) -> Any:
             client.search_experiments(max_results=1)  # creates / migrates the schema
         return client
     client = mlflow.MlflowClient(tracking_uri=uri)
+    # One quick try: MLflow's default retries with backoff take minutes on a dead server.
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+    saved = {k: os.environ.get(k) for k in quick}
+    os.environ.update(quick)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     try:
         client.search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 - any failure here means "cannot use this store"
@@ -78,6 +83,12 @@ def connect(workspace: Path) -> Any:
             f"{str(e).splitlines()[0][:200]}); start it, fix the URI, or unset MLFLOW_TRACKING_URI to use "
             "the local store in mlruns/"
         ) from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return client
 
 
