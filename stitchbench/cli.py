@@ -197,9 +197,13 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         print(f"{'NAME':{wn}}  {'KIND':{wk}}  {'ORIGIN':{wo}}  DESCRIPTION")
         for i in infos:
             print(f"{i.name:{wn}}  {i.kind:{wk}}  {i.origin:{wo}}  {i.description}")
-        code = sorted({i.location for i in infos if i.origin != "bundled" and i.location})
-        if code:
-            print("\nthird-party code that runs: " + ", ".join(code))
+        # Where the code that a run would execute lives.
+        bundled = sorted({str(Path(i.location).parent.parent) for i in infos if i.origin == "bundled" and i.location})
+        if bundled:
+            print(f"\nbundled plugins: {', '.join(bundled)} (distribution stitchbench)")
+        for i in infos:
+            if i.origin != "bundled":
+                print(f"{i.name}: {i.location or '?'} ({i.origin})")
         for b in broken:
             print(f"\nskipped {b.plugin} ({b.origin}): {b.error}", file=sys.stderr)
         return 0
