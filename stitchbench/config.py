@@ -49,7 +49,7 @@ class TrainingConfig(Strict):
 class NetworksConfig(Strict):
     """The base networks: ``count`` networks of one architecture, differing only in seed."""
 
-    architecture: PluginRef = Field(default_factory=lambda: PluginRef(name="resnet18", params={"width": 16}))
+    architecture: PluginRef = Field(description="the architecture plugin and its params (set by every preset)")
     count: int = Field(2, ge=1)
     seeds: list[int] | None = Field(None, description="one seed per network (default 0..count-1)")
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -87,8 +87,8 @@ class RunConfig(Strict):
 
     name: str = Field("quick", description="the MLflow experiment the run goes to")
     description: str = ""
-    dataset: PluginRef = Field(default_factory=lambda: PluginRef(name="digits"))
-    networks: NetworksConfig = Field(default_factory=NetworksConfig)
+    dataset: PluginRef = Field(description="the data set plugin and its params (set by every preset)")
+    networks: NetworksConfig
     stitching: StitchingConfig = Field(default_factory=StitchingConfig)
     indices: IndicesConfig = Field(default_factory=IndicesConfig)
     evaluations: EvaluationsConfig = Field(default_factory=EvaluationsConfig)
