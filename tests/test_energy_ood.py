@@ -1,0 +1,284 @@
+"""The energy_ood evaluation: energy and metrics conventions, detectors that separate, reuse
+of registered detectors by key, and stitched activations that really go through T."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from scipy.special import logsumexp
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from stitchbench_plugins.evaluations._ood_detectors import (
+    LayerBatches,
+    build_detector,
+    detector_energies,
+    energy_margin_loss,
+    finetune,
+    pretrain,
+)
+from stitchbench_plugins.evaluations._ood_metrics import energy, ood_scores
+
+from .conftest import cli
+
+# -- energy and metrics -------------------------------------------------------------------------
+
+
+def test_energy_is_negative_logsumexp_and_shifts_with_the_logits():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(50, 10)) * 3
+    e = energy(z)
+    assert np.allclose(e, -logsumexp(z, axis=1))
+    assert np.allclose(energy(z + 4.0), e - 4.0)  # adding c to every logit shifts E by -c
+    assert np.all(e <= -z.max(axis=1) + 1e-12)  # lse >= max, so E <= -max(logit) at T = 1
+    assert np.allclose(energy(z, temperature=2.0), -2.0 * logsumexp(z / 2.0, axis=1))
+    t = energy(torch.tensor(z))  # the torch path (used in training) agrees and keeps gradients
+    assert isinstance(t, torch.Tensor) and np.allclose(t.numpy(), e)
+    with pytest.raises(ValueError):
+        energy(z, temperature=0.0)
+
+
+def test_metrics_equal_scikit_learn_with_id_as_positive_class():
+    rng = np.random.default_rng(1)
+    e_id, e_ood = rng.normal(-3.0, 1.0, 400), rng.normal(-1.5, 1.2, 300)
+    s = ood_scores(e_id, e_ood)
+    labels = np.r_[np.ones(400), np.zeros(300)]
+    scores = -np.r_[e_id, e_ood]
+    assert s.auroc == pytest.approx(roc_auc_score(labels, scores))
+    assert s.aupr == pytest.approx(average_precision_score(labels, scores))
+    fpr, tpr, _ = roc_curve(labels, scores)
+    assert s.fpr95 == pytest.approx(fpr[tpr >= 0.95].min())
+    assert 0.75 < s.auroc < 0.95  # lower ID energies: AUROC above 0.5
+
+
+def test_auroc_orientation():
+    rng = np.random.default_rng(2)
+    e = rng.normal(size=500)
+    assert ood_scores(e, e.copy()).auroc == pytest.approx(0.5)  # identical sets
+    assert ood_scores(rng.normal(size=2000), rng.normal(size=2000)).auroc == pytest.approx(0.5, abs=0.04)
+    sep = ood_scores(e - 100.0, e)  # ID energies all lower: fully separable
+    assert sep.auroc == 1.0 and sep.aupr == 1.0 and sep.fpr95 == 0.0
+    assert ood_scores(e + 100.0, e).auroc == 0.0  # the other way round
+    with pytest.raises(ValueError):
+        ood_scores(np.r_[e, np.nan], e)
+
+
+def test_energy_margin_loss():
+    low = torch.full((4, 3), 20.0)  # energy about -21.1
+    high = torch.zeros(4, 3)  # energy -log 3
+    assert energy_margin_loss(low, high, m_in=-20.0, m_out=-5.0).item() == 0.0  # both inside their margins
+    wrong = energy_margin_loss(high, low, m_in=-20.0, m_out=-5.0).item()
+    e_hi, e_lo = -np.log(3), -(20 + np.log(3))
+    assert wrong == pytest.approx((e_hi + 20.0) ** 2 + (-5.0 - e_lo) ** 2, rel=1e-5)
+
+
+# -- detectors -------------------------------------------------------------------------------------
+
+
+def _toy(shape, n, seed, shift=0.0, classes=3):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, *shape, generator=torch.Generator().manual_seed(99))
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = centres[y] + 0.5 * torch.randn(n, *shape, generator=g) + shift
+    return x, y
+
+
+@pytest.mark.parametrize(
+    "shape,settings",
+    [((4, 4, 4), {"resnet": {"width": 8, "stages": 1, "blocks": 1, "upsample_to": None}}),
+     ((5, 8), {"vit": {"width": 12, "depth": 1, "num_heads": 2}})],
+)
+def test_finetuned_detector_separates_id_from_auxiliary_data(shape, settings):
+    torch.manual_seed(0)
+    x, y = _toy(shape, 600, 0)
+    xo, _ = _toy(shape, 600, 1, shift=2.0)  # the auxiliary OOD set: shifted activations
+    xt, yt = _toy(shape, 300, 2)
+    xot, _ = _toy(shape, 300, 3, shift=2.0)
+    det = build_detector(shape, 3, settings.get("resnet", {}), settings.get("vit", {}))
+    cpu = torch.device("cpu")
+    train = LayerBatches("l", y, cpu, acts=x)
+    aux = LayerBatches("l", torch.zeros(600, dtype=torch.long), cpu, acts=xo)
+    test, test_ood = LayerBatches("l", yt, cpu, acts=xt), LayerBatches("l", yt, cpu, acts=xot)
+    g = torch.Generator().manual_seed(0)
+    pretrain(det, train, epochs=3, batch_size=64, lr=3e-3, weight_decay=0.0, generator=g)
+    _, pred = detector_energies(det, test.batches(128))
+    assert (pred == yt.numpy()).mean() > 0.8  # pre-training makes a classifier of the ID activations
+    hist = finetune(det, train, aux, epochs=3, batch_size=64, lr=1e-3, weight_decay=0.0, m_in=-25.0, m_out=-7.0,
+                    weight=0.1, generator=g, optimizer="sgd")
+    assert hist[-1]["finetune_energy_in"] < hist[-1]["finetune_energy_out"]
+    e_id, _ = detector_energies(det, test.batches(128))
+    e_ood, _ = detector_energies(det, test_ood.batches(128))
+    assert ood_scores(e_id, e_ood).auroc > 0.95
+
+
+def test_conv_detector_upsamples_when_asked():
+    det = build_detector((6, 2, 2), 4, {"width": 4, "stages": 2, "blocks": 1, "upsample_to": 8}, {})
+    seen = []
+    det.stem.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    assert det(torch.randn(3, 6, 2, 2)).shape == (3, 4)
+    assert seen == [(3, 4, 8, 8)]
+
+
+# -- in a run -------------------------------------------------------------------------------------
+
+OOD_PARAMS = {
+    "auxiliary": {"name": "noise", "params": {"n_train": 400, "n_test": 200}},
+    "pretrain": {"epochs": 3, "batch_size": 128, "lr": 0.003},
+    "finetune": {"epochs": 3, "batch_size": 128, "optimizer": "sgd", "lr": 0.03},
+    "resnet": {"width": 4, "stages": 1, "blocks": 1, "upsample_to": None},
+    "heatmaps": False,
+}
+
+TINY = f"""
+name: tiny-ood
+dataset: {{name: digits}}
+networks:
+  architecture: {{name: resnet18, params: {{width: 4}}}}
+  count: 2
+  training: {{epochs: 2, batch_size: 128, lr: 0.003, augment: false}}
+stitching:
+  layers: [0, 3, 7]
+  params:
+    dm: {{k: 40}}
+evaluations:
+  params:
+    energy_ood: {json.dumps(OOD_PARAMS)}
+"""
+
+
+def _client(ws):
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlruns' / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="module")
+def twice(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("ood")
+    (ws / "tiny.yaml").write_text(textwrap.dedent(TINY))
+    runs = []
+    for _ in range(2):
+        r = cli("run", "--config", "tiny.yaml", "--plugin", "dm", "--plugin", "energy_ood", cwd=ws)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs.append(r)
+    return ws, runs
+
+
+def _ood_runs(client, ws):
+    exp = client.get_experiment_by_name("tiny-ood")
+    parents = sorted(client.search_runs([exp.experiment_id], "tags.`stitchbench.kind` = 'parent'"),
+                     key=lambda r: r.info.start_time)
+    evals = []
+    for p in parents:
+        evals += client.search_runs(
+            [exp.experiment_id],
+            f"tags.`mlflow.parentRunId` = '{p.info.run_id}' and tags.`stitchbench.plugin` = 'energy_ood'")
+    return exp, parents, evals
+
+
+def test_detectors_are_registered_once_and_reused_by_key(twice):
+    ws, _ = twice
+    client = _client(ws)
+    exp, parents, evals = _ood_runs(client, ws)
+    assert len(parents) == 2 and len(evals) == 2
+    names = sorted(m.name for m in client.search_registered_models() if m.name.endswith("-energy-detector"))
+    assert names == sorted(f"digits-resnet18-w4-seed{s}-{layer}-energy-detector"
+                           for s in (0, 1) for layer in ("layer1.0", "layer2.1", "layer4.1"))
+    for name in names:
+        versions = client.search_model_versions(f"name = '{name}'")
+        assert len(versions) == 1  # the second run trained nothing
+        assert versions[0].tags.get("stitchbench.job_key")
+    first, second = evals
+    assert first.data.metrics["detectors.trained"] == 6 and first.data.metrics["detectors.reused"] == 0
+    assert second.data.metrics["detectors.trained"] == 0 and second.data.metrics["detectors.reused"] == 6
+    detector_runs = client.search_runs([exp.experiment_id], "tags.`stitchbench.kind` = 'ood_detector'")
+    assert len(detector_runs) == 6
+    sanity = {r.info.run_name: r.data.metrics["sanity_auroc"] for r in detector_runs}
+    # Digits vs noise, through networks of width 4 trained for 2 epochs and detectors of one
+    # block: clearly better than chance everywhere (the quick preset's detectors reach > 0.97).
+    assert all(v > 0.7 for v in sanity.values()), sanity
+
+
+def test_auroc_matrices_metrics_figures_and_report(twice):
+    ws, _ = twice
+    client = _client(ws)
+    _, parents, evals = _ood_runs(client, ws)
+    metrics = parents[-1].data.metrics
+    for part in ("diag", "offdiag"):
+        assert 0.0 <= metrics[f"ood.auroc.dm.{part}"] <= 1.0
+    rid = evals[-1].info.run_id
+    files = {f.path for f in client.list_artifacts(rid)}
+    assert {"ood_fig2.png", "ood_energy_dm.png", "ood.json", "report.json"} <= files
+    mats = {f.path for f in client.list_artifacts(rid, "matrices")}
+    intra = "matrices/auroc_dm_intra_digits-resnet18-w4-seed0.npy"
+    assert intra in mats and "matrices/auroc_dm_inter_digits-resnet18-w4-seed0__digits-resnet18-w4-seed1.npy" in mats
+    auroc = np.load(mlflow.artifacts.download_artifacts(run_id=rid, artifact_path=intra,
+                                                         tracking_uri=client.tracking_uri))
+    assert auroc.shape == (3, 3) and np.all((auroc >= 0) & (auroc <= 1))
+    # A DM self-stitch of a layer to itself reproduces the layer: not flagged as OOD.
+    assert np.all(np.diag(auroc) < 0.6)
+    # The same numbers in the report, read back as a user would.
+    rep = cli("report", "latest", "--json", cwd=ws)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    ood = json.loads(rep.stdout)["ood"]
+    got = ood["matrices"]["dm"]["intra"][0]
+    assert got["source"] == "digits-resnet18-w4-seed0" and np.allclose(got["auroc"], auroc)
+    assert ood["summary"]["dm"]["all"]["diag"] == pytest.approx(metrics["ood.auroc.dm.diag"])
+    assert len(ood["detectors"]) == 6 and all(d["sanity_auroc"] > 0.7 for d in ood["detectors"])
+    logged = {r.info.run_name.removeprefix("ood detector "): r.data.metrics["sanity_auroc"] for r in
+              client.search_runs([parents[-1].info.experiment_id], "tags.`stitchbench.kind` = 'ood_detector'")}
+    assert {d["model_name"]: d["sanity_auroc"] for d in ood["detectors"]} == pytest.approx(logged)
+    text = cli("report", "latest", cwd=ws)
+    assert text.returncode == 0 and "Energy-based OOD analysis" in text.stdout
+    assert "dm" in text.stdout and "6 (0 trained, 6 reused)" in text.stdout
+
+
+def test_stitched_activations_go_through_the_stitching_layer(workspace):
+    """In process: an identity stitcher gives AUROC 0.5 on the diagonal (the detector sees
+    exactly the target activations); a stitcher that adds a large offset to every channel
+    makes the two sets separable (AUROC far from 0.5, in whichever direction the energies
+    move)."""
+    import stitchbench
+    from stitchbench import tracking
+    from stitchbench.activations import ActivationCache
+    from stitchbench.config import RunConfig
+    from stitchbench.context import MatrixRecord, RunContext
+    from stitchbench.plugins import load_plugins
+    from stitchbench.stitching import StitchingLayer
+
+    tracking.connect(workspace)
+    data = stitchbench.get_plugin("digits").load({}, None)
+    torch.manual_seed(0)
+    net = stitchbench.get_plugin("resnet18").build({"width": 4}, 10, (1, 8, 8)).eval()
+    layers = ["layer1.0", "layer1.1"]
+    shape = net.layer_shapes((1, 8, 8))["layer1.0"]
+
+    def states(weight_scale, bias):
+        def get(i, j):
+            t = StitchingLayer(shape, shape).set_affine(weight_scale * torch.eye(shape[0]),
+                                                        torch.full((shape[0],), bias))
+            return t.state_dict()
+        return get
+
+    def record(measure, lookup):
+        return MatrixRecord(measure=measure, plugin=measure, functional=True, higher_is_more_similar=True,
+                            source="n", target="n", scope="intra", layers=layers, values=np.ones((2, 2)),
+                            stitcher_state=lookup)
+
+    ctx = RunContext(
+        config=RunConfig(dataset={"name": "digits"}, networks={"architecture": {"name": "resnet18"}}),
+        data=data, networks={"n": net}, network_accuracy={"n": 0.1}, layers=layers,
+        matrices=[record("ident", states(1.0, 0.0)), record("offset", states(1.0, 25.0))],
+        device=torch.device("cpu"), workspace=workspace, cache=ActivationCache(), plugins=load_plugins(),
+    )
+    params = stitchbench.get_plugin("energy_ood").Params.model_validate(
+        {**OOD_PARAMS, "auxiliary": {"name": "noise", "params": {"n_train": 300, "n_test": 100}}})
+    exp = tracking.experiment_id(mlflow.MlflowClient(), "inproc", workspace)
+    with mlflow.start_run(experiment_id=exp):
+        res = stitchbench.get_plugin("energy_ood").run(ctx, params)
+    mats = {m: res.report["matrices"][m]["intra"][0]["auroc"] for m in ("ident", "offset")}
+    assert np.allclose(np.diag(mats["ident"]), 0.5)
+    off = np.asarray(mats["offset"])
+    assert np.all(np.abs(off - 0.5) > 0.4), off
+    assert abs(res.metrics["ood.auroc.offset.offdiag"] - 0.5) > 0.4
