@@ -54,6 +54,50 @@ class Plugin:
         return f"<{self.kind} {self.name!r}>"
 
 
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a data set is, known without reading it: classes, (C, H, W) of one image and
+    the sizes of its splits. ``--dry-run`` plans and estimates from it."""
+
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    n_train: int
+    n_test: int
+
+
+@dataclass
+class Cost:
+    """Compute of some jobs, in image passes through a network of the run's architecture:
+    ``train_images`` forward + backward passes, ``tlm_images`` a TLM stitcher's training
+    passes (front half forward, back half forward + backward), ``forward_images`` forward
+    passes. ``jobs`` counts the jobs it covers and ``what`` names them (``--dry-run``
+    turns passes into GPU-hours with the architecture's measured or assumed throughput)."""
+
+    train_images: float = 0.0
+    forward_images: float = 0.0
+    tlm_images: float = 0.0
+    jobs: int = 1
+    what: str = ""
+
+
+@dataclass
+class PlanSummary:
+    """What ``estimate_cost`` of an evaluation sees of a planned run: ``info`` of the data
+    set, the number of networks, the stitched layers and their per-example shapes, the
+    number of stitching matrices per matcher (``stitch_matrices``) and of distinct target
+    networks per matcher (``stitch_targets``), the number of index matrices, and the
+    resolved config."""
+
+    info: DatasetInfo
+    networks: int
+    layers: list[str]
+    layer_shapes: dict[str, tuple[int, ...]]
+    stitch_matrices: dict[str, int]
+    stitch_targets: dict[str, int]
+    index_matrices: int
+    config: Any = None
+
+
 class DatasetPlugin(Plugin):
     """A labelled image data set (or an auxiliary out-of-distribution set)."""
 
@@ -67,6 +111,12 @@ class DatasetPlugin(Plugin):
 
     def load(self, params: Any, data_dir: Path | None, download: bool = False) -> LoadedDataset:
         raise NotImplementedError
+
+    def info(self, params: Any) -> DatasetInfo | None:
+        """Classes, image shape and split sizes without loading anything (used by
+        ``stitchbench run --dry-run`` to plan and estimate a run whose data is not at
+        hand); None when they cannot be known before loading."""
+        return None
 
 
 class ArchitecturePlugin(Plugin):
@@ -95,6 +145,11 @@ class Matcher(Plugin):
 
     def fit(self, problem: StitchingProblem, params: Any) -> StitchingLayer:
         raise NotImplementedError
+
+    def estimate_cost(self, params: Any, info: DatasetInfo) -> Cost | None:
+        """The compute of fitting and evaluating *one* stitcher on data described by
+        ``info`` (for ``--dry-run``); None: not estimated."""
+        return None
 
 
 class SimilarityIndex(Plugin):
@@ -156,6 +211,11 @@ class Evaluation(Plugin):
 
     def run(self, context: RunContext, params: Any) -> EvaluationResult:
         raise NotImplementedError
+
+    def estimate_cost(self, params: Any, plan: PlanSummary) -> list[Cost] | None:
+        """The compute this evaluation adds to the planned run, one `Cost` per kind of
+        job (for ``--dry-run``); [] when negligible, None when not estimated."""
+        return None
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import stitchbench
-from stitchbench import DatasetPlugin, Params, UsageError
+from stitchbench import DatasetInfo, DatasetPlugin, Params, UsageError
 
 from ._common import SplitLimits, missing_error, require_data_dir, uint8_split, validated
 
@@ -75,6 +75,10 @@ class Cifar10(DatasetPlugin):
 
     class Params(SplitLimits):
         """Use only the first N training / test images (all by default)."""
+
+    def info(self, params: Params | dict | None) -> DatasetInfo:
+        p = validated(self, params)
+        return DatasetInfo(10, (3, 32, 32), min(50_000, p.limit_train or 50_000), min(10_000, p.limit_test or 10_000))
 
     def load(
         self, params: Params | dict | None, data_dir: Path | None, download: bool = False

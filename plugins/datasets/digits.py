@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field
 
 import stitchbench
-from stitchbench import DatasetPlugin, Params
+from stitchbench import DatasetInfo, DatasetPlugin, Params
 
 from ._common import validated
 
@@ -37,6 +37,13 @@ class Digits(DatasetPlugin):
             0.2, gt=0.0, lt=1.0, description="fraction of the images held out for test"
         )
         split_seed: int = Field(0, description="seed of the stratified train/test split")
+
+    def info(self, params: Params | dict | None) -> DatasetInfo:
+        import math
+
+        p = validated(self, params)
+        n_test = math.ceil(1797 * p.test_fraction)  # scikit-learn's rounding of test_size
+        return DatasetInfo(10, (1, 8, 8), 1797 - n_test, n_test)
 
     def load(
         self, params: Params | dict | None, data_dir: Path | None = None, download: bool = False

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field
 
 import stitchbench
-from stitchbench import DatasetPlugin, Params, UsageError
+from stitchbench import DatasetInfo, DatasetPlugin, Params, UsageError
 
 from ._common import missing_error, require_data_dir, validated
 
@@ -77,6 +77,13 @@ class ImageNet(DatasetPlugin):
         limit_test: int | None = Field(
             None, ge=1, description="use N validation images, evenly spaced over the sorted file list"
         )
+
+    def info(self, params: Params | dict | None) -> DatasetInfo:
+        """ILSVRC-2012's sizes (1,281,167 training and 50,000 validation images, 1000 classes)."""
+        p = validated(self, params)
+        n_train, n_test = 1_281_167, 50_000
+        return DatasetInfo(1000, (3, p.image_size, p.image_size), min(n_train, p.limit_train or n_train),
+                           min(n_test, p.limit_test or n_test))
 
     def load(
         self, params: Params | dict | None, data_dir: Path | None, download: bool = False

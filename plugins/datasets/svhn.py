@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import stitchbench
-from stitchbench import DatasetPlugin, Params, UsageError
+from stitchbench import DatasetInfo, DatasetPlugin, Params, UsageError
 
 from ._common import SplitLimits, missing_error, require_data_dir, uint8_split, validated
 
@@ -59,6 +59,10 @@ class Svhn(DatasetPlugin):
 
     class Params(SplitLimits):
         """Use only the first N training / test images (all by default)."""
+
+    def info(self, params: Params | dict | None) -> DatasetInfo:
+        p = validated(self, params)
+        return DatasetInfo(10, (3, 32, 32), min(73_257, p.limit_train or 73_257), min(26_032, p.limit_test or 26_032))
 
     def load(
         self, params: Params | dict | None, data_dir: Path | None, download: bool = False

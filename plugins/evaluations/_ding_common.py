@@ -807,6 +807,26 @@ class DingTest(Evaluation):
     def title(self, results: list[SetResult], params: Any) -> str:
         raise NotImplementedError
 
+    def count_representations(self, params: Any, plan: Any) -> int:
+        raise NotImplementedError
+
+    def estimate_cost(self, params: Any, plan: Any) -> list[Any]:
+        """One forward pass over both splits per network (probe features: the probes
+        themselves are linear layers on pooled features, negligible), and per
+        representation a DM fit on ``k`` training images and a stitched test pass."""
+        from stitchbench import Cost
+
+        info = plan.info
+        nets = plan.networks if params.networks is None else min(params.networks, plan.networks)
+        reps = self.count_representations(params, plan)
+        dm = dict((plan.config.stitching.params or {}).get("dm") or {})
+        k = dm.get("k", 100)
+        k = info.n_train if k == "all" else min(int(k), info.n_train)
+        return [
+            Cost(forward_images=nets * (info.n_train + info.n_test), jobs=nets, what="probe features"),
+            Cost(forward_images=reps * (k + info.n_test), jobs=reps, what="DM stitches of the representations"),
+        ]
+
     def run(self, context: RunContext, params: Any) -> EvaluationResult:
         import time
 

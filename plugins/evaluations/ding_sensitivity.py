@@ -92,6 +92,18 @@ class DingSensitivity(DingTest):
             raise ValueError(f"ding_sensitivity.layers lists a layer twice: {params.layers}")
         return out
 
+    def count_representations(self, params: Any, plan: Any) -> int:
+        nets = plan.networks if params.networks is None else min(params.networks, plan.networks)
+        names = list(plan.layer_shapes)
+        chosen = names[-4:] if params.layers is None else [
+            names[x] if isinstance(x, int) else x for x in params.layers]
+        total = 0
+        for layer in chosen:
+            shape = plan.layer_shapes.get(layer)
+            channels = shape[0] if shape is not None and len(shape) == 3 else (shape[-1] if shape else 1)
+            total += len(layer_ranks(channels, params.ranks, params.rank_scaling))
+        return nets * total
+
     def build_sets(self, context: Any, params: Any) -> list[RepSet]:
         if params.ranks is not None and any(r < 1 for r in params.ranks):
             raise ValueError(f"ding_sensitivity.ranks must be >= 1, got {params.ranks}")

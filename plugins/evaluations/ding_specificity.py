@@ -34,6 +34,10 @@ class DingSpecificity(DingTest):
         net = next(iter(context.networks.values()))
         return list(dict.fromkeys(net.layer_names[net.layer_index(layer)] for layer in params.layers))
 
+    def count_representations(self, params: Any, plan: Any) -> int:
+        nets = plan.networks if params.networks is None else min(params.networks, plan.networks)
+        return nets * (len(plan.layers) if params.layers is None else len(params.layers))
+
     def build_sets(self, context: Any, params: Any) -> list[RepSet]:
         nets = select_networks(context, params.networks)
         layers = self._layers(context, params)

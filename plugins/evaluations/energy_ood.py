@@ -166,6 +166,32 @@ class EnergyOOD(Evaluation):
     summarises_matrices = False
     Params = EnergyOODParams
 
+    def estimate_cost(self, params: Any, plan: stitchbench.PlanSummary) -> list[stitchbench.Cost]:
+        """Detectors counted as networks of the run's architecture (the paper's detectors
+        are ResNet-18s on activations upsampled to 32x32): pre-training epochs over the
+        training split, fine-tuning epochs over it with as many auxiliary images, the
+        activations recomputed per epoch when augmented; then one detector pass per test
+        image and stitching cell."""
+        from stitchbench import Cost
+
+        p = params if isinstance(params, EnergyOODParams) else EnergyOODParams.model_validate(params or {})
+        n, layers = plan.info.n_train, len(plan.layers)
+        detectors = max(plan.stitch_targets.values(), default=0) * layers
+        if not detectors:
+            return []
+        epochs = p.pretrain.epochs + p.finetune.epochs
+        per_detector = Cost(
+            train_images=(p.pretrain.epochs + 2 * p.finetune.epochs) * n,
+            forward_images=(epochs if p.pretrain.augment else 1) * n + p.finetune.epochs * n,
+        )
+        cells = sum(plan.stitch_matrices.values()) * layers**2
+        return [
+            Cost(train_images=detectors * per_detector.train_images,
+                 forward_images=detectors * per_detector.forward_images, jobs=detectors,
+                 what="OOD detectors (pre-train + fine-tune)"),
+            Cost(forward_images=cells * plan.info.n_test, jobs=cells, what="OOD scores of stitched activations"),
+        ]
+
     def run(self, context: stitchbench.RunContext, params: Any) -> EvaluationResult:
         p = params if isinstance(params, EnergyOODParams) else EnergyOODParams.model_validate(params or {})
         records = [m for m in context.matrices if m.functional and m.stitcher_state is not None]

@@ -56,6 +56,9 @@ class LayerIdentification(Evaluation):
         direction: Literal["per_target", "per_source"] = "per_target"
         ties: Literal["strict", "fractional", "first"] = "strict"
 
+    def estimate_cost(self, params: Any, plan: stitchbench.PlanSummary) -> list[stitchbench.Cost]:
+        return []  # reads the matrices only
+
     def run(self, context: stitchbench.RunContext, params: Any) -> EvaluationResult:
         result: dict[str, dict[str, float]] = {"intra": {}, "inter": {}}
         counts: dict[str, dict[str, dict[str, float]]] = {"intra": {}, "inter": {}}

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import Field
 
 import stitchbench
-from stitchbench import Matcher, Params
+from stitchbench import Cost, DatasetInfo, Matcher, Params
 
 if TYPE_CHECKING:
     import torch
@@ -75,6 +75,13 @@ class DirectMatching(Matcher):
         )
 
     # -- the matcher interface ----------------------------------------------------------
+    def estimate_cost(self, params: Any, info: DatasetInfo) -> Cost:
+        """A forward pass of both networks over the k fitting images, one stitched pass
+        over the test split; the least-squares solve is small next to them."""
+        p = self.Params.model_validate(params or {}) if not isinstance(params, self.Params) else params
+        k = info.n_train if p.k == "all" else min(int(p.k), info.n_train)
+        return Cost(forward_images=k + info.n_test)
+
     def fit(self, problem: StitchingProblem, params: Any = None) -> StitchingLayer:
         """T for (problem.source, source_layer) -> (problem.target, target_layer).
 

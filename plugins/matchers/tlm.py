@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 import stitchbench
-from stitchbench import Matcher, Params
+from stitchbench import Cost, DatasetInfo, Matcher, Params
 
 from .dm import DirectMatching, eval_mode
 
@@ -52,6 +52,13 @@ class TaskLossMatching(Matcher):
             "epoch; only when no augmentation is applied (augmented images differ every epoch)",
         )
         cache_limit_mb: float = Field(2048, ge=0, description="largest source-activation cache, in MiB")
+
+    def estimate_cost(self, params: Any, info: DatasetInfo) -> Cost:
+        """``epochs`` passes over the training split (front half forward, back half
+        forward + backward) after a DM initialisation, and one stitched test pass."""
+        p = self.Params.model_validate(params or {}) if not isinstance(params, self.Params) else params
+        k = info.n_train if p.dm.k == "all" else min(int(p.dm.k), info.n_train)
+        return Cost(tlm_images=p.epochs * info.n_train, forward_images=k + info.n_test)
 
     def fit(self, problem: StitchingProblem, params: Any = None) -> StitchingLayer:
         """The DM stitcher for this cell, trained on the task loss; both networks are left
