@@ -1,6 +1,7 @@
 # The README's two commands: `make run` and `make test`. Each creates .venv when it is
-# missing and installs the project into it (pinned torch/torchvision from constraints.txt);
-# both are quick once the venv exists.
+# missing and installs the project into it (pinned torch/torchvision from constraints.txt),
+# with the `ray` extra so that the Ray executor's test runs rather than skips; both are
+# quick once the venv exists.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.stitchbench-installed
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,ray]"
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -44,7 +44,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--data-dir", metavar="DIR", help="where data sets on disk live")
     r.add_argument("--download", action="store_true", help="download a missing data set into --data-dir")
     r.add_argument("--device", choices=("cpu", "cuda", "auto"), help="device for every job")
-    r.add_argument("--dry-run", action="store_true", help="validate, resolve plugins, print the plan, and exit")
+    r.add_argument("--dry-run", action="store_true",
+                   help="validate, resolve plugins, print the plan with its job count and a GPU-hour estimate, and exit")
+    r.add_argument("--throughput", metavar="FILE",
+                   help="with --dry-run: GPU throughputs measured by benchmarks/gpu_throughput.py --write FILE")
+    r.add_argument("--executor", choices=("local", "ray"),
+                   help='where jobs run: local (default: this process) or ray (Ray tasks; pip install -e ".[ray]")')
+    r.add_argument("--ray-address", metavar="ADDR",
+                   help="a running Ray cluster to use (e.g. auto); implies --executor ray (default: a local cluster)")
 
     pl = sub.add_parser("plugins", help="list, register and unregister plugins")
     psub = pl.add_subparsers(dest="plugins_command", metavar="ACTION")
@@ -98,24 +105,61 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run": cmd_run, "plugins": cmd_plugins, "presets": cmd_presets, "config": cmd_config,
         "report": cmd_report, "ui": cmd_ui, "compare": cmd_compare,
     }[args.command]
+    # SIGTERM (a cluster pre-empting the job, `kill`) ends a run as Ctrl-C does: the runs
+    # are marked KILLED, finished jobs stay reusable, exit status 130.
     previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
         return int(handler(args) or 0)
     except StitchbenchError as e:
-        return _fail(e)
+        return _fail(e, args.verbose)
     except KeyboardInterrupt:
         print("stitchbench: interrupted; finished jobs are kept and will be reused by the same command",
               file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except OSError as e:
+        from .runs import is_storage_error
+
+        if not is_storage_error(e):
+            raise
+        from .errors import StorageError
+
+        return _fail(StorageError(None, e), args.verbose)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT) or SIGTERM: 128 + SIGINT, as shells report Ctrl-C
+
+
+def _dry_run(cfg: Any, plugins: Any, args: argparse.Namespace, ws: Path) -> int:
+    """The plan, made without reading the data, and its compute estimate."""
+    from .estimate import estimate, load_throughputs
+    from .plan import make_plan
+
+    throughputs = load_throughputs(args.throughput)
+    plan = make_plan(cfg, plugins, selected=args.plugin, workspace=ws, load_data=False)
+    print(plan.describe())
+    if plan.info is None:
+        print(f"estimate:   not available (dataset plugin {plan.dataset.name!r} cannot describe its data "
+              "without loading it)")
+    else:
+        print(estimate(plan, plan.info, throughputs).describe())
+    if getattr(plan.dataset.obj, "needs_data_dir", False) and not cfg.data_dir:
+        print("needs:      --data-dir DIR to run (the data set is read from disk)")
+    if "gpu" in cfg.requires:
+        print("needs:      a GPU to run in reasonable time (--device cuda)")
+    return 0
 
 
 def _sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _fail(e: StitchbenchError) -> int:
+def _fail(e: StitchbenchError, verbose: bool = False) -> int:
+    if verbose and e.__cause__ is not None:  # where a plugin's or the core's code raised
+        import traceback
+
+        traceback.print_exception(e.__cause__, file=sys.stderr)
     print(f"stitchbench: error: {e}", file=sys.stderr)
     return e.exit_code
 
@@ -158,13 +202,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         extra["download"] = True
     if args.device:
         extra["device"] = args.device
+    if args.ray_address and args.executor == "local":
+        raise UsageError("--ray-address is for --executor ray")
+    if args.executor or args.ray_address:
+        extra["executor"] = {"name": args.executor or "ray"}
+        if args.ray_address:
+            extra["executor"]["ray_address"] = args.ray_address
     cfg = _build_config(args, extra)
     ws = _workspace()
     plugins = load_plugins(ws)
-    plan = make_plan(cfg, plugins, selected=args.plugin, workspace=ws)
     if args.dry_run:
-        print(plan.describe())
-        return 0
+        return _dry_run(cfg, plugins, args, ws)
+    if args.throughput:
+        raise UsageError("--throughput is for --dry-run (it only changes the estimate)")
+    plan = make_plan(cfg, plugins, selected=args.plugin, workspace=ws)
     from .pipeline import execute
 
     result = execute(plan, plugins, ws)

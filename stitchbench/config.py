@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError, UsageError
 
@@ -82,6 +82,20 @@ class EvaluationsConfig(Strict):
     params: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
+class ExecutorConfig(Strict):
+    """Where the jobs run (see docs/scaling.md). Results do not depend on it, so it is not
+    part of any job key: a Ray run reuses what a local run finished, and vice versa."""
+
+    name: Literal["local", "ray"] = Field("local", description="local: in this process, one job at a time; "
+                                          "ray: Ray tasks (pip install -e \".[ray]\")")
+    ray_address: str | None = Field(
+        None, description="ray only: a running cluster to use (e.g. auto); null starts a local one for the run")
+    num_cpus: int | None = Field(None, ge=1, description="ray only: CPUs of the local cluster (null: all)")
+    cpus_per_task: float = Field(1.0, gt=0, description="ray only: CPUs each job asks for (its torch threads)")
+    gpus_per_task: float | None = Field(
+        None, ge=0, description="ray only: GPUs each job asks for; a fraction shares a GPU (null: 1 on cuda, else 0)")
+
+
 class RunConfig(Strict):
     """One ``stitchbench run``."""
 
@@ -95,11 +109,17 @@ class RunConfig(Strict):
     data_dir: str | None = None
     download: bool = False
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    executor: Literal["local"] = "local"
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     seed: int = Field(0, description="seed of data sampling for matchers and evaluations")
     requires: list[Literal["gpu", "data_dir"]] = Field(
         default_factory=list, description="what this preset needs to be practical (checked, with a warning)"
     )
+
+    @field_validator("executor", mode="before")
+    @classmethod
+    def _executor_by_name(cls, v: Any) -> Any:
+        # `executor: ray` (and `--set executor=ray`) is short for `executor: {name: ray}`.
+        return {"name": v} if isinstance(v, str) else v
 
 
 # -- presets ------------------------------------------------------------------------------

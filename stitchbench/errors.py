@@ -47,3 +47,21 @@ class JobError(StitchbenchError):
 
 class DivergenceError(StitchbenchError):
     """Training produced a non-finite loss."""
+
+
+class StorageError(StitchbenchError):
+    """The outputs of a job could not be written: the disk (or quota) is full, or read-only.
+
+    The job's run ends FAILED and is not marked complete, so nothing half-written is reused;
+    the jobs finished before it are kept."""
+
+    def __init__(self, job: str | None, cause: BaseException):
+        what = f"job {job}" if job else "stitchbench"
+        reason = getattr(cause, "strerror", None) or str(cause)
+        where = getattr(cause, "filename", None)
+        super().__init__(
+            f"{what} could not write its outputs: {reason}" + (f" ({where})" if where else "") + "; nothing of "
+            "it is marked done. Free some space and run the same command again: finished jobs are reused"
+        )
+        self.job = job
+        self.cause = cause

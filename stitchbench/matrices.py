@@ -1,11 +1,17 @@
 """Filling similarity matrices: stitching matrices (one stitcher per layer pair) and
 index matrices, as resumable jobs.
 
-A stitching matrix job keeps every finished cell (the stitcher's weights and its relative
+The work of a job is a task (`compute_stitch_matrix`, `compute_index_matrix`: a
+`MatrixTask`, the data and the two networks' `NetworkResult` in, plain values out) that an
+executor runs anywhere; the driver looks up finished jobs by key before submitting and does
+every MLflow write (`finish_matrix`).
+
+A stitching matrix task keeps every finished cell (the stitcher's weights and its relative
 accuracy) in ``mlruns/cache/<job key>/`` as it goes, written atomically, so a run killed
-in the middle resumes from the finished cells. When every cell is done the matrix, heat
-map and stitchers are logged to the job's nested MLflow run, which is then tagged
-complete; a later run with the same key reuses it whole.
+in the middle resumes from the finished cells (when the executor's tasks see the
+workspace's disk). When every cell is done the matrix, heat map and stitchers are logged to
+the job's nested MLflow run, which is then tagged complete; a later run with the same key
+reuses it whole.
 """
 
 from __future__ import annotations
@@ -14,24 +20,27 @@ import logging
 import os
 import shutil
 import tempfile
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from . import tracking
+from . import tracking, worker
 from .activations import ActivationCache
 from .context import MatrixRecord
 from .data import iterate_batches
 from .errors import JobError, StitchbenchError
-from .networks import TrainedNetwork
-from .plan import MatrixJob, Plan
+from .executors import Executor, Future
+from .plan import MatrixJob, Plan, PluginUse
 from .plots import heatmap
 from .plugin_types import IndexContext
 from .progress import progress_bar
 from .runs import child_run, log_array, log_figure
 from .stitching import StitchingLayer, StitchingProblem
+from .worker import NetworkResult
 from .workspace import mlruns_dir
 
 log = logging.getLogger(__name__)
@@ -105,12 +114,17 @@ def _record(job: MatrixJob, plan: Plan, values: np.ndarray, run_id: str | None,
     )
 
 
-def _reuse(job: MatrixJob, plan: Plan, client: Any) -> MatrixRecord | None:
+def reuse_matrix(job: MatrixJob, plan: Plan, client: Any) -> MatrixRecord | None:
+    """The record of a finished run of ``job`` (same key), or None."""
     run = tracking.find_finished_job(client, job.key)
     if run is None:
         return None
     try:
         values = np.load(tracking.download(run.info.run_id, "matrix/values.npy"))
+        if job.kind == "stitch_matrix":  # the stitchers evaluations load later: whole, or recompute now
+            with zipfile.ZipFile(tracking.download(run.info.run_id, "matrix/stitchers.pt")) as z:
+                if z.testzip() is not None:
+                    raise ValueError("matrix/stitchers.pt is damaged (a CRC check failed)")
     except Exception as e:  # noqa: BLE001 - a missing or damaged artifact means: recompute
         log.warning("job %s: finished run %s has no readable matrix (%s); recomputing", job.label, run.info.run_id, e)
         return None
@@ -143,68 +157,153 @@ def _log_matrix(job: MatrixJob, plan: Plan, values: np.ndarray, record: MatrixRe
     mlflow.log_metrics({"diag_mean": float(np.mean(diag)), "mean": float(np.mean(values))})
 
 
-def run_stitch_matrix(
-    job: MatrixJob, plan: Plan, nets: dict[str, TrainedNetwork], cache: ActivationCache, client: Any,
-    device: torch.device, workspace: Path,
-) -> MatrixRecord:
-    reused = _reuse(job, plan, client)
-    if reused is not None:
-        return reused
-    import mlflow
+# -- the tasks ----------------------------------------------------------------------------
 
-    src, tgt = nets[job.source.model_name], nets[job.target.model_name]
-    cells = CellCache(mlruns_dir(workspace) / "cache" / job.key)
-    n = len(plan.layers)
-    values = np.full((n, n), np.nan)
+
+@dataclass
+class MatrixTask:
+    """One matrix to fill (plain, picklable data): the job, the architecture that rebuilds
+    its networks, the layers, and the run settings the values depend on. ``cell_dir``: where
+    finished stitchers are kept for resuming (None: not kept)."""
+
+    job: MatrixJob
+    architecture: PluginUse
+    layers: list[str]
+    seed: int
+    device: str
+    eval_batch_size: int
+    n_examples: int
+    cell_dir: str | None = None
+
+
+@dataclass
+class StitchResult:
+    """Rows of a stitching matrix: ``values`` (len(rows), n) relative accuracies of source
+    layers ``rows`` (indices into the layers) to every target layer, ``stitchers`` each
+    cell's state dict flattened as ``"<i>_<j>.<name>"``, ``resumed`` how many cells came
+    from an interrupted run's cache."""
+
+    rows: list[int]
+    values: np.ndarray
+    stitchers: dict[str, torch.Tensor]
+    resumed: int
+
+
+def compute_stitch_matrix(
+    task: MatrixTask, data: Any, source: NetworkResult, target: NetworkResult, rows: list[int] | None = None
+) -> StitchResult:
+    """Fit the job's matcher for every (source layer, target layer) pair of the source
+    layers ``rows`` (default: all) and measure each stitched network's test accuracy
+    relative to the target network's. Writes nothing but the cell cache."""
+    state = worker.state()
+    device = torch.device(task.device)
+    src = state.network(task.architecture, source, data, device)
+    tgt = state.network(task.architecture, target, data, device)
+    cells = CellCache(Path(task.cell_dir)) if task.cell_dir else None
+    n = len(task.layers)
+    rows = list(range(n)) if rows is None else list(rows)
+    values = np.full((len(rows), n), np.nan)
     stitchers: dict[str, torch.Tensor] = {}
-    matcher = job.plugin.obj
-    with child_run(job.label, _tags(job)) as run:
-        mlflow.log_params({f"{job.plugin.name}.{k}": v for k, v in job.plugin.params_dict().items()} or {"params": "{}"})
-        resumed = 0
-        with progress_bar(total=n * n, desc=job.label, unit="stitcher") as bar:
-            for i, s_layer in enumerate(plan.layers):
-                for j, t_layer in enumerate(plan.layers):
-                    done = cells.get(i, j)
-                    resumed += done is not None
-                    if done is None:
-                        problem = StitchingProblem(
-                            source=src.net, source_layer=s_layer, target=tgt.net, target_layer=t_layer,
-                            data=plan.data, device=device, seed=plan.config.seed, cache=cache,
-                        )
-                        cell = f"{job.label} cell ({s_layer} -> {t_layer})"
-                        try:
-                            layer = matcher.fit(problem, job.plugin.params)
-                        except StitchbenchError:
-                            raise
-                        except Exception as e:
-                            raise JobError(cell, matcher.name, e) from e
-                        if not isinstance(layer, StitchingLayer):
-                            raise JobError(cell, matcher.name, TypeError(
-                                f"fit() returned {type(layer).__name__}, expected a stitchbench.StitchingLayer"))
-                        acc = stitched_accuracy(problem, layer, cache, plan.config.stitching.eval_batch_size)
-                        rel = acc / tgt.test_accuracy if tgt.test_accuracy > 0 else float("nan")
-                        done = {"relative_accuracy": torch.tensor(rel, dtype=torch.float64),
-                                "accuracy": torch.tensor(acc, dtype=torch.float64),
-                                "state": {k: v.detach().cpu() for k, v in layer.state_dict().items()}}
+    resumed = 0
+    with progress_bar(total=len(rows) * n, desc=task.job.label, unit="stitcher") as bar:
+        for r, i in enumerate(rows):
+            for j, t_layer in enumerate(task.layers):
+                done = cells.get(i, j) if cells is not None else None
+                resumed += done is not None
+                if done is None:
+                    done = _fit_cell(task, data, src, task.layers[i], tgt, t_layer, target.test_accuracy,
+                                     state.cache, device)
+                    if cells is not None:
                         cells.put(i, j, done)
-                    values[i, j] = float(done["relative_accuracy"])
-                    for k, v in done["state"].items():
-                        stitchers[f"{i}_{j}.{k}"] = v
-                    bar.update(1)
-        mlflow.log_metric("cells_resumed", resumed)
-        if resumed:
-            log.info("%s: resumed %d finished stitchers of an interrupted run", job.label, resumed)
-        if not np.all(np.isfinite(values)):
-            raise JobError(job.label, matcher.name, ValueError("the matrix has non-finite cells"))
-        record = _record(job, plan, values, run.info.run_id, stitchers)
-        _log_matrix(job, plan, values, record)
-        with tempfile.TemporaryDirectory() as d:
-            p = Path(d) / "stitchers.pt"
-            torch.save(stitchers, p)
-            mlflow.log_artifact(str(p), "matrix")
-        mlflow.set_tag(tracking.TAG_COMPLETE, "1")
-    cells.clear()
-    return record
+                values[r, j] = float(done["relative_accuracy"])
+                for k, v in done["state"].items():
+                    stitchers[f"{i}_{j}.{k}"] = v
+                bar.update(1)
+    return StitchResult(rows, values, stitchers, resumed)
+
+
+def merge_rows(job: MatrixJob, n: int, parts: list[StitchResult]) -> StitchResult:
+    """One (n, n) `StitchResult` from results covering every row once, stitchers in row-major
+    cell order; a JobError when a cell is not finite."""
+    values = np.full((n, n), np.nan)
+    by_cell: dict[str, dict[str, torch.Tensor]] = {}
+    for part in parts:
+        values[part.rows] = part.values
+        for k, v in part.stitchers.items():
+            by_cell.setdefault(k.split(".", 1)[0], {})[k] = v
+    stitchers: dict[str, torch.Tensor] = {}
+    for i in range(n):
+        for j in range(n):
+            stitchers.update(by_cell.get(f"{i}_{j}", {}))
+    if not np.all(np.isfinite(values)):
+        raise JobError(job.label, job.plugin.name, ValueError("the matrix has non-finite cells"))
+    return StitchResult(list(range(n)), values, stitchers, sum(p.resumed for p in parts))
+
+
+def _fit_cell(task: MatrixTask, data: Any, src: Any, s_layer: str, tgt: Any, t_layer: str, target_accuracy: float,
+              cache: ActivationCache, device: torch.device) -> dict[str, Any]:
+    """One stitcher: fitted, evaluated, as the cell-cache payload."""
+    job = task.job
+    matcher = job.plugin.obj
+    problem = StitchingProblem(
+        source=src, source_layer=s_layer, target=tgt, target_layer=t_layer,
+        data=data, device=device, seed=task.seed, cache=cache,
+    )
+    cell = f"{job.label} cell ({s_layer} -> {t_layer})"
+    # A matcher that draws from torch's global generator gets the same draws whichever
+    # process fits the cell and whatever ran there before (bundled matchers use their own).
+    torch.manual_seed(task.seed)
+    try:
+        layer = matcher.fit(problem, job.plugin.params)
+    except StitchbenchError:
+        raise
+    except Exception as e:
+        raise JobError(cell, matcher.name, e) from e
+    if not isinstance(layer, StitchingLayer):
+        raise JobError(cell, matcher.name, TypeError(
+            f"fit() returned {type(layer).__name__}, expected a stitchbench.StitchingLayer"))
+    acc = stitched_accuracy(problem, layer, cache, task.eval_batch_size)
+    rel = acc / target_accuracy if target_accuracy > 0 else float("nan")
+    return {"relative_accuracy": torch.tensor(rel, dtype=torch.float64),
+            "accuracy": torch.tensor(acc, dtype=torch.float64),
+            "state": {k: v.detach().cpu() for k, v in layer.state_dict().items()}}
+
+
+def compute_index_matrix(task: MatrixTask, data: Any, source: NetworkResult, target: NetworkResult) -> np.ndarray:
+    """The job's similarity index for every (source layer, target layer) pair on the first
+    ``n_examples`` test examples: an (n, n) float array. Writes nothing."""
+    job = task.job
+    index = job.plugin.obj
+    state = worker.state()
+    device = torch.device(task.device)
+    src = state.network(task.architecture, source, data, device)
+    tgt = state.network(task.architecture, target, data, device)
+
+    def layer_list(net: Any, split: str, n: int | None) -> list[np.ndarray]:
+        return state.cache.numpy_layers(net, split, n, data, task.seed, task.layers)
+
+    sources = layer_list(src, "test", task.n_examples)
+    targets = sources if job.scope == "intra" else layer_list(tgt, "test", task.n_examples)
+
+    def train_sample(side: str, n: int) -> list[np.ndarray]:
+        return layer_list(src if side == "source" else tgt, "train_sample", n)
+
+    ctx = IndexContext(
+        params=job.plugin.params,
+        train_sample=train_sample if getattr(index, "needs_train_activations", False) else None,
+        same_network=job.scope == "intra",
+        shared=state.index_shared.setdefault(index.name, {}),
+    )
+    try:
+        values = np.asarray(index.matrix(sources, targets, ctx), dtype=float)
+    except StitchbenchError:
+        raise
+    except Exception as e:
+        raise JobError(job.label, index.name, e) from e
+    if values.shape != (len(task.layers), len(task.layers)):
+        raise JobError(job.label, index.name, ValueError(
+            f"matrix() returned shape {values.shape}, expected {(len(task.layers),) * 2}"))
+    return values
 
 
 @torch.no_grad()
@@ -240,46 +339,69 @@ def _fits(problem: StitchingProblem, cache: ActivationCache) -> bool:
     return per_example * len(problem.data.test) + cache.nbytes() <= cache.max_bytes
 
 
-def run_index_matrix(
-    job: MatrixJob, plan: Plan, nets: dict[str, TrainedNetwork], cache: ActivationCache, client: Any,
-    shared: dict[Any, Any] | None = None,
-) -> MatrixRecord:
-    reused = _reuse(job, plan, client)
-    if reused is not None:
-        return reused
+
+
+# -- the driver's side --------------------------------------------------------------------
+
+
+def cell_dir(job: MatrixJob, workspace: Path) -> Path:
+    return mlruns_dir(workspace) / "cache" / job.key
+
+
+def submit_matrix(
+    job: MatrixJob, plan: Plan, executor: Executor, data: Any, source: Any, target: Any,
+    device: torch.device, workspace: Path, parts: int = 1,
+) -> list[Future]:
+    """Submit ``job``; ``data``, ``source`` and ``target`` are values, shared handles or
+    futures (of the networks' training tasks). A stitching matrix goes as ``parts`` tasks
+    of consecutive source layers (its cells are independent), an index matrix as one."""
+    cfg = plan.config
+    keep_cells = job.kind == "stitch_matrix" and executor.shares_disk
+    task = MatrixTask(
+        job, plan.architecture, list(plan.layers), cfg.seed, str(device), cfg.stitching.eval_batch_size,
+        cfg.indices.n_examples, str(cell_dir(job, workspace)) if keep_cells else None,
+    )
+    if job.kind == "index_matrix":
+        return [executor.submit(compute_index_matrix, task, data, source, target, label=job.label)]
+    n = len(plan.layers)
+    if parts <= 1:
+        return [executor.submit(compute_stitch_matrix, task, data, source, target, None, label=job.label)]
+    groups = [list(g) for g in np.array_split(np.arange(n), min(parts, n))]
+    return [
+        executor.submit(compute_stitch_matrix, task, data, source, target, [int(i) for i in rows],
+                        label=f"{job.label} from {plan.layers[rows[0]]}..{plan.layers[rows[-1]]}")
+        for rows in groups
+    ]
+
+
+def finish_matrix(job: MatrixJob, plan: Plan, futures: list[Future], workspace: Path) -> MatrixRecord:
+    """In the driver: the job's nested run around its tasks' results (with the local
+    executor the matrix is filled right here, inside the run), then its matrix, heat map
+    and, for stitching, the stitchers."""
     import mlflow
 
-    index = job.plugin.obj
-    n_ex = plan.config.indices.n_examples
-    src, tgt = nets[job.source.model_name], nets[job.target.model_name]
-
-    def layer_list(net: Any, split: str, n: int | None) -> list[np.ndarray]:
-        return cache.numpy_layers(net, split, n, plan.data, plan.config.seed, plan.layers)
-
-    sources = layer_list(src.net, "test", n_ex)
-    targets = sources if job.scope == "intra" else layer_list(tgt.net, "test", n_ex)
-
-    def train_sample(side: str, n: int) -> list[np.ndarray]:
-        return layer_list((src if side == "source" else tgt).net, "train_sample", n)
-
-    ctx = IndexContext(
-        params=job.plugin.params,
-        train_sample=train_sample if getattr(index, "needs_train_activations", False) else None,
-        same_network=job.scope == "intra",
-        shared=shared if shared is not None else {},
-    )
     with child_run(job.label, _tags(job)) as run:
-        mlflow.log_params({"n_examples": n_ex, **{f"{index.name}.{k}": v for k, v in job.plugin.params_dict().items()}})
-        try:
-            values = np.asarray(index.matrix(sources, targets, ctx), dtype=float)
-        except StitchbenchError:
-            raise
-        except Exception as e:
-            raise JobError(job.label, index.name, e) from e
-        if values.shape != (len(plan.layers), len(plan.layers)):
-            raise JobError(job.label, index.name, ValueError(
-                f"matrix() returned shape {values.shape}, expected {(len(plan.layers),) * 2}"))
-        record = _record(job, plan, values, run.info.run_id)
-        _log_matrix(job, plan, values, record)
+        if job.kind == "stitch_matrix":
+            mlflow.log_params({f"{job.plugin.name}.{k}": v for k, v in job.plugin.params_dict().items()}
+                              or {"params": "{}"})
+            result = merge_rows(job, len(plan.layers), [f.result() for f in futures])
+            mlflow.log_metric("cells_resumed", result.resumed)
+            if result.resumed:
+                log.info("%s: resumed %d finished stitchers of an interrupted run", job.label, result.resumed)
+            record = _record(job, plan, result.values, run.info.run_id, result.stitchers)
+            _log_matrix(job, plan, result.values, record)
+            with tempfile.TemporaryDirectory() as d:
+                p = Path(d) / "stitchers.pt"
+                torch.save(result.stitchers, p)
+                mlflow.log_artifact(str(p), "matrix")
+        else:
+            mlflow.log_params({"n_examples": plan.config.indices.n_examples,
+                               **{f"{job.plugin.name}.{k}": v for k, v in job.plugin.params_dict().items()}})
+            (future,) = futures
+            values = future.result()
+            record = _record(job, plan, values, run.info.run_id)
+            _log_matrix(job, plan, values, record)
         mlflow.set_tag(tracking.TAG_COMPLETE, "1")
+    if job.kind == "stitch_matrix":
+        CellCache(cell_dir(job, workspace)).clear()
     return record

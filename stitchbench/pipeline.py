@@ -1,22 +1,33 @@
 """The run pipeline: networks -> stitching matrices -> index matrices -> evaluations,
-all logged under one MLflow parent run."""
+all logged under one MLflow parent run.
+
+What runs where: the networks' training and the matrices are tasks on the run's executor
+(`stitchbench.executors`: in this process, or Ray tasks); finding finished jobs by key,
+every MLflow write, and the evaluations happen here, in the driver."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import shlex
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import tracking
 from .context import MatrixRecord, RunContext
 from .errors import JobError, StitchbenchError, UsageError
-from .plan import Plan
+from .plan import NetworkSpec, Plan, PluginUse
 from .plugins import PluginSet
+from .progress import progress_bar
 from .runs import child_run, log_figure, parent_run
+
+if TYPE_CHECKING:
+    from .executors import Executor, Future
+    from .networks import TrainedNetwork
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +55,13 @@ def resolve_device(choice: str) -> Any:
 
 
 def execute(plan: Plan, plugins: PluginSet, workspace: Path, *, client: Any = None) -> RunResult:
+    """Run ``plan``: networks and matrices as tasks on the configured executor (their
+    MLflow runs written here, in the driver), then the evaluations here."""
     import mlflow
+    import torch
 
-    from .activations import ActivationCache
-    from .matrices import run_index_matrix, run_stitch_matrix
-    from .networks import ensure_network
+    from . import worker
+    from .executors import make_executor
 
     cfg = plan.config
     device = resolve_device(cfg.device)
@@ -57,77 +70,46 @@ def execute(plan: Plan, plugins: PluginSet, workspace: Path, *, client: Any = No
     client = client or tracking.connect(workspace)
     exp_id = tracking.experiment_id(client, cfg.name, workspace)
     tracking.end_stale_runs(client, exp_id)
-    tags = {
-        **tracking.this_process_tags(),
-        tracking.TAG_KIND: "parent",
-        "stitchbench.command": shlex.join(["stitchbench", *sys.argv[1:]]) if sys.argv else "stitchbench run",
-        "stitchbench.plan": ",".join(u.name for u in plan.matchers + plan.indices + plan.evaluations),
-        "mlflow.note.content": cfg.description or f"stitchbench run of {cfg.name}",
-    }
     metrics: dict[str, float] = {}
     texts: list[str] = []
     run_name = f"{cfg.name} {time.strftime('%Y-%m-%d %H:%M:%S')}"
-    with parent_run(exp_id, cfg, run_name=run_name, tags=tags) as parent:
-        mlflow.log_text(plan.describe(), "plan.txt")
-        nets = {}
-        for spec in plan.networks:
-            try:
-                nets[spec.model_name] = ensure_network(plan, spec, client, device)
-            except StitchbenchError:
-                raise
-            except Exception as e:
-                raise JobError(f"network {spec.model_name}", plan.architecture.name, e) from e
-        for name, t in nets.items():
-            metrics[f"network.{name}.test_accuracy"] = t.test_accuracy
-        cache = ActivationCache()
-        records: list[MatrixRecord] = []
-        index_shared: dict[str, dict] = {}  # per index: statistics shared by its matrices
-        reused = computed = 0
-        for job in plan.jobs:
-            before = tracking.find_finished_job(client, job.key) is not None
-            if job.kind == "stitch_matrix":
-                rec = run_stitch_matrix(job, plan, nets, cache, client, device, workspace)
-            else:
-                rec = run_index_matrix(job, plan, nets, cache, client, index_shared.setdefault(job.plugin.name, {}))
-            records.append(rec)
-            reused += before
-            computed += not before
-        tracking.log_json(
-            [{"job": j.label, "kind": j.kind, "key": j.key, "run_id": r.run_id} for j, r in zip(plan.jobs, records)],
-            "jobs.json",
-        )
-        context = RunContext(
-            config=cfg, data=plan.data, networks={k: v.net for k, v in nets.items()},
-            network_accuracy={k: v.test_accuracy for k, v in nets.items()}, layers=plan.layers,
-            matrices=records, device=device, workspace=workspace, cache=cache, plugins=plugins,
-            run_id=parent.info.run_id,
-        )
-        for ev in plan.evaluations:
-            with child_run(f"evaluation {ev.name}", {tracking.TAG_KIND: "evaluation", tracking.TAG_PLUGIN: ev.name}):
-                try:
-                    result = ev.obj.run(context, ev.params)
-                except StitchbenchError:
-                    raise
-                except Exception as e:
-                    raise JobError(f"evaluation {ev.name}", ev.name, e) from e
+    state = worker.reset()
+    try:
+        # The executor starts first: a Ray cluster that cannot be reached is a usage error,
+        # not a failed run.
+        with (
+            make_executor(cfg.executor, device.type) as executor,
+            parent_run(exp_id, cfg, run_name=run_name, tags=_parent_tags(plan, executor)) as parent,
+        ):
+            mlflow.log_text(plan.describe(), "plan.txt")
+            nets, records, reused, computed = _run_jobs(plan, executor, client, device, workspace)
+            for name, t in nets.items():
+                metrics[f"network.{name}.test_accuracy"] = t.test_accuracy
+            tracking.log_json(
+                [{"job": j.label, "kind": j.kind, "key": j.key, "run_id": r.run_id} for j, r in zip(plan.jobs, records)],
+                "jobs.json",
+            )
+            context = RunContext(
+                config=cfg, data=plan.data, networks={k: v.net for k, v in nets.items()},
+                network_accuracy={k: v.test_accuracy for k, v in nets.items()}, layers=plan.layers,
+                matrices=records, device=device, workspace=workspace, cache=state.cache, plugins=plugins,
+                run_id=parent.info.run_id,
+            )
+            for ev in plan.evaluations:
+                # Evaluations run here, in the driver, whatever the executor. The seed makes one
+                # that draws from torch's global generator independent of what ran here before.
+                torch.manual_seed(cfg.seed)
+                result = _evaluate(ev, context)
                 if result.metrics:
-                    mlflow.log_metrics(result.metrics)
-                for tname, table in result.tables.items():
-                    tracking.log_json(table, f"{tname}.json")
-                for fname, fig in result.figures.items():
-                    log_figure(fig, f"{fname}.png")
-                tracking.log_json(
-                    {"key": result.report_key or ev.name, "data": result.report, "text": result.report_text},
-                    "report.json",
-                )
-            if result.metrics:
-                for k, v in result.metrics.items():
-                    client.log_metric(parent.info.run_id, k, float(v))
-                metrics.update(result.metrics)
-            if result.report_text:
-                texts.append(result.report_text)
-        mlflow.log_metrics({k: v for k, v in metrics.items() if k.startswith("network.")})
-        mlflow.set_tag(tracking.TAG_COMPLETE, "1")
+                    for k, v in result.metrics.items():
+                        client.log_metric(parent.info.run_id, k, float(v))
+                    metrics.update(result.metrics)
+                if result.report_text:
+                    texts.append(result.report_text)
+            mlflow.log_metrics({k: v for k, v in metrics.items() if k.startswith("network.")})
+            mlflow.set_tag(tracking.TAG_COMPLETE, "1")
+    finally:
+        worker.clear()
     return RunResult(
         run_id=parent.info.run_id,
         experiment_id=exp_id,
@@ -138,3 +120,119 @@ def execute(plan: Plan, plugins: PluginSet, workspace: Path, *, client: Any = No
         reused_jobs=reused,
         report_texts=texts,
     )
+
+
+def _parent_tags(plan: Plan, executor: Executor) -> dict[str, str]:
+    return {
+        **tracking.this_process_tags(),
+        tracking.TAG_KIND: "parent",
+        "stitchbench.command": shlex.join(["stitchbench", *sys.argv[1:]]) if sys.argv else "stitchbench run",
+        "stitchbench.plan": ",".join(u.name for u in plan.matchers + plan.indices + plan.evaluations),
+        "stitchbench.executor": executor.describe(),
+        "mlflow.note.content": plan.config.description or f"stitchbench run of {plan.config.name}",
+    }
+
+
+def _run_jobs(
+    plan: Plan, executor: Executor, client: Any, device: Any, workspace: Path
+) -> tuple[dict[str, TrainedNetwork], list[MatrixRecord], int, int]:
+    """Every network and matrix job of ``plan``: a job whose key has a finished run is
+    reused, every other one is submitted to ``executor``, a matrix job with the futures of
+    its networks' training (so on Ray it starts as soon as they are trained, with no
+    barrier); results are logged to MLflow here as they arrive. Returns the networks (in
+    plan order), the matrix records (in job order), and how many matrix jobs were reused
+    and computed."""
+    from .matrices import finish_matrix, reuse_matrix, submit_matrix
+    from .networks import finish_training, reuse_network, submit_training
+
+    data = executor.share(plan.dataset_key, plan.data)
+    found: dict[str, TrainedNetwork] = {}
+    inputs: dict[str, Any] = {}  # model name -> what matrix tasks take: a value, a shared handle or a future
+    training: dict[Future, NetworkSpec] = {}
+    for spec in plan.networks:
+        try:
+            net = reuse_network(plan, spec, client, device)
+        except StitchbenchError:
+            raise
+        except Exception as e:
+            raise JobError(f"network {spec.model_name}", plan.architecture.name, e) from e
+        if net is not None:
+            found[spec.model_name] = net
+            # In this process the network is in the worker state already; elsewhere it needs its weights.
+            inputs[spec.model_name] = executor.share(spec.key, net.as_input(with_weights=not executor.in_process))
+        else:
+            fut = submit_training(plan, spec, executor, data, device)
+            training[fut] = spec
+            inputs[spec.model_name] = fut
+    records: list[MatrixRecord | None] = [None] * len(plan.jobs)
+    todo = []
+    for i, job in enumerate(plan.jobs):
+        rec = reuse_matrix(job, plan, client)
+        if rec is None:
+            todo.append(i)
+        records[i] = rec
+    # Fewer jobs than the executor has slots: stitching matrices go in parts (by source layer).
+    parts = math.ceil(executor.slots() / len(todo)) if todo else 1
+    tasks_of: dict[int, list[Future]] = {}  # job index -> its tasks
+    job_of: dict[Future, int] = {}
+    for i in todo:
+        job = plan.jobs[i]
+        tasks_of[i] = submit_matrix(job, plan, executor, data, inputs[job.source.model_name],
+                                    inputs[job.target.model_name], device, workspace, parts)
+        job_of.update((f, i) for f in tasks_of[i])
+    if training or tasks_of:
+        log.info("%d network and %d matrix job(s) (%d tasks) on %s", len(training), len(tasks_of),
+                 len(training) + len(job_of), executor.name)
+    waiting = {i: len(fs) for i, fs in tasks_of.items()}
+    # Tasks that run elsewhere show no progress of their own here: count them as they finish.
+    counter = (contextlib.nullcontext() if executor.in_process else
+               progress_bar(total=len(training) + len(job_of), desc=f"{executor.name} tasks", unit="task"))
+    with counter as bar:
+        for fut in executor.as_completed([*training, *job_of]):
+            if bar is not None:
+                bar.update(1)
+            if fut in training:
+                spec = training[fut]
+                try:
+                    found[spec.model_name] = finish_training(plan, spec, fut, device, live=executor.in_process)
+                except StitchbenchError:
+                    raise
+                except Exception as e:
+                    raise JobError(f"network {spec.model_name}", plan.architecture.name, e) from e
+                continue
+            i = job_of[fut]
+            waiting[i] -= 1
+            if waiting[i]:
+                continue  # the job's other tasks are still running
+            try:
+                records[i] = finish_matrix(plan.jobs[i], plan, tasks_of[i], workspace)
+            except StitchbenchError:
+                raise
+            except Exception as e:
+                raise JobError(plan.jobs[i].label, None, e) from e
+    nets = {spec.model_name: found[spec.model_name] for spec in plan.networks}
+    return nets, [r for r in records if r is not None], len(plan.jobs) - len(tasks_of), len(tasks_of)
+
+
+def _evaluate(ev: PluginUse, context: RunContext) -> Any:
+    """Run one evaluation in its nested run and log what it returns."""
+    import mlflow
+
+    with child_run(f"evaluation {ev.name}", {tracking.TAG_KIND: "evaluation", tracking.TAG_PLUGIN: ev.name}):
+        try:
+            result = ev.obj.run(context, ev.params)
+        except StitchbenchError:
+            raise
+        except Exception as e:
+            raise JobError(f"evaluation {ev.name}", ev.name, e) from e
+        if result.metrics:
+            mlflow.log_metrics(result.metrics)
+        for tname, table in result.tables.items():
+            tracking.log_json(table, f"{tname}.json")
+        for fname, fig in result.figures.items():
+            log_figure(fig, f"{fname}.png")
+        tracking.log_json(
+            {"key": result.report_key or ev.name, "data": result.report, "text": result.report_text},
+            "report.json",
+        )
+    return result

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from .config import RunConfig, format_validation_error
 from .errors import ConfigError, UsageError
+from .executors import require_ray
 from .keys import job_key
 from .plugin_types import KINDS, Plugin
 from .plugins import PluginSet
@@ -69,6 +70,7 @@ class Plan:
     evaluations: list[PluginUse]
     jobs: list[MatrixJob] = field(default_factory=list)
     dataset_key: str = ""
+    info: Any = None  # DatasetInfo of a plan made without loading data (None: unknown, or data loaded)
 
     def describe(self) -> str:
         cfg = self.config
@@ -89,7 +91,18 @@ class Plan:
         for j in self.jobs:
             lines.append(f"  - {j.kind:13} {j.label}  (key {j.key})")
         lines.append(f"device:     {cfg.device}")
+        lines.append(f"executor:   {describe_executor(cfg.executor)}")
         return "\n".join(lines)
+
+
+def describe_executor(ex: Any) -> str:
+    """One line for an `ExecutorConfig`."""
+    if ex.name == "local":
+        return "local (this process, one job at a time)"
+    where = f"cluster at {ex.ray_address}" if ex.ray_address else (
+        f"local cluster, {ex.num_cpus} CPUs" if ex.num_cpus else "local cluster")
+    gpus = "1 GPU on cuda" if ex.gpus_per_task is None else f"{ex.gpus_per_task:g} GPU"
+    return f"ray ({where}; each job {ex.cpus_per_task:g} CPU, {gpus})"
 
 
 def _validate_params(use_name: str, obj: Plugin, raw: dict[str, Any], path: str) -> Any:
@@ -136,6 +149,8 @@ def make_plan(
     workspace: Path | None = None,
 ) -> Plan:
     cfg, selection = apply_plugin_selection(cfg, plugins, selected or [])
+    if cfg.executor.name == "ray":
+        require_ray()  # before any data is loaded
 
     ds_obj = plugins.get(cfg.dataset.name, "dataset")
     if getattr(ds_obj, "auxiliary", False):
@@ -150,7 +165,7 @@ def make_plan(
         arch_obj.name, arch_obj, cfg.networks.architecture.params, "networks.architecture.params"))
 
     data_dir = Path(cfg.data_dir).expanduser() if cfg.data_dir else None
-    if getattr(ds_obj, "needs_data_dir", False) and data_dir is None:
+    if load_data and getattr(ds_obj, "needs_data_dir", False) and data_dir is None:
         raise UsageError(
             f"dataset {cfg.dataset.name!r} is read from disk: pass --data-dir DIR (the directory holding it"
             + (", or add --download to fetch it there)" if getattr(ds_obj, "downloadable", False) else ")")
@@ -159,15 +174,19 @@ def make_plan(
         raise UsageError(f"--data-dir {data_dir} does not exist")
 
     data = ds_obj.load(dataset.params, data_dir, cfg.download) if load_data else None
+    # Without the data (a dry run), what the plugin knows of it without reading it.
+    info = None if data is not None else ds_obj.info(dataset.params)
 
     # Names and shapes of the layers come from one throwaway instance of the architecture.
-    if data is not None:
+    if data is not None or info is not None:
         import torch
 
+        num_classes, image_shape = (
+            (data.num_classes, tuple(data.image_shape)) if data is not None else (info.num_classes, info.image_shape))
         torch.manual_seed(0)
-        probe = arch_obj.build(arch.params, data.num_classes, tuple(data.image_shape))
+        probe = arch_obj.build(arch.params, num_classes, image_shape)
         all_layers = list(probe.layer_names)
-        shapes = probe.layer_shapes(tuple(data.image_shape))
+        shapes = probe.layer_shapes(image_shape)
         del probe
     else:
         all_layers, shapes = [], {}
@@ -217,7 +236,7 @@ def make_plan(
         raise ConfigError("networks.seeds: seeds must be distinct (two networks with one seed are the same network)")
 
     plan = Plan(cfg, dataset, arch, data, networks, layers, shapes, matchers, indices, evaluations,
-                dataset_key=dataset_key)
+                dataset_key=dataset_key, info=info)
     plan.jobs = _jobs(plan)
     return plan
 

@@ -1,8 +1,14 @@
 """Run lifecycle: a parent run per ``stitchbench run`` and nested runs for its jobs, each
-ending FINISHED, FAILED or KILLED (never left RUNNING)."""
+ending FINISHED, FAILED or KILLED (never left RUNNING by a process that ends normally or
+by a signal it can catch; what ``kill -9`` leaves RUNNING, the next run marks KILLED).
+
+A job's nested run is its unit of failure: whatever its code raises ends that run FAILED
+and reaches the user as a `JobError` naming the job and the plugin (a `StorageError` when
+the disk is full), while the jobs finished before it stay complete and reusable."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import tempfile
@@ -12,8 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from .config import RunConfig, config_json, flat_params
+from .errors import JobError, StitchbenchError, StorageError
 
 log = logging.getLogger(__name__)
+
+# errno values that mean "the outputs cannot be written here", not "the code is wrong"
+STORAGE_ERRNOS = frozenset(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EFBIG") if hasattr(errno, n))
 
 
 def _status_for(exc: BaseException | None) -> str:
@@ -22,6 +32,31 @@ def _status_for(exc: BaseException | None) -> str:
     if isinstance(exc, (KeyboardInterrupt, SystemExit)):
         return "KILLED"
     return "FAILED"
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    """True for an OSError that says the disk cannot take the write (full, quota, read-only),
+    also when MLflow or SQLite wrapped it ("database or disk is full")."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+            return True
+        if "database or disk is full" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _end(status: str) -> None:
+    """End the active run; a store that cannot take the write (a full disk) leaves it
+    RUNNING, which the next run marks KILLED once this process is gone."""
+    import mlflow
+
+    try:
+        mlflow.end_run(status=status)
+    except Exception as e:  # noqa: BLE001 - never hide the error that ended the run
+        log.warning("could not mark the run %s: %s", status, e)
 
 
 @contextmanager
@@ -47,12 +82,15 @@ def parent_run(experiment_id: str, cfg: RunConfig, *, run_name: str | None, tags
 def _end_all(status: str) -> None:
     import mlflow
 
-    while mlflow.active_run() is not None:
-        mlflow.end_run(status=status)
+    while mlflow.active_run() is not None:  # end_run pops the run even when the write fails
+        _end(status)
 
 
 @contextmanager
 def child_run(name: str, tags: dict[str, str]) -> Iterator[Any]:
+    """A nested run for job ``name``. An exception inside ends it FAILED (KILLED for Ctrl-C
+    or SIGTERM) and comes out as a `StitchbenchError` naming the job and its plugin (the
+    ``stitchbench.plugin`` tag)."""
     import mlflow
 
     parent = mlflow.active_run()
@@ -60,10 +98,18 @@ def child_run(name: str, tags: dict[str, str]) -> Iterator[Any]:
     run = mlflow.start_run(run_name=name, nested=True, tags=tags, experiment_id=experiment_id)
     try:
         yield run
-    except BaseException as e:
-        mlflow.end_run(status=_status_for(e))
+    except StitchbenchError:
+        _end("FAILED")
         raise
-    mlflow.end_run(status="FINISHED")
+    except Exception as e:
+        _end("FAILED")
+        if is_storage_error(e):
+            raise StorageError(name, e) from e
+        raise JobError(name, tags.get("stitchbench.plugin"), e) from e
+    except BaseException:
+        _end("KILLED")
+        raise
+    _end("FINISHED")
 
 
 def log_figure(fig: Any, artifact_file: str) -> None:

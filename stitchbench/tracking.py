@@ -40,10 +40,31 @@ def quiet_mlflow() -> None:
 
 
 def tracking_uri(workspace: Path) -> str:
+    """``$MLFLOW_TRACKING_URI`` when the user set it, else the workspace's SQLite store."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
+    return local_store_uri(workspace)
+
+
+def local_store_uri(workspace: Path) -> str:
     return f"sqlite:///{mlruns_dir(workspace) / 'mlflow.db'}"
+
+
+def _point_mlflow_at(uri: str) -> None:
+    """``mlflow.set_tracking_uri(uri)`` without its side effect on the environment.
+
+    MLflow also exports the URI as ``MLFLOW_TRACKING_URI``; left there, it would read as the
+    user's choice, and every later workspace in this process (a notebook, the tests) would
+    silently write into the first one's store."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 def is_local_store(uri: str) -> bool:
@@ -54,20 +75,19 @@ def connect(workspace: Path) -> Any:
     """Point MLflow at the workspace's store (creating it safely) and return a client.
 
     Store creation runs under a file lock, so several processes starting at once on a fresh
-    workspace do not race on the schema migration. A remote store is checked for
+    workspace do not race on the schema migration, and is atomic, so a process killed while
+    creating it leaves no half-made store behind. A remote store is checked for
     reachability before any heavy work."""
     quiet_mlflow()
     import mlflow
-    from filelock import FileLock
 
     uri = tracking_uri(workspace)
-    mlflow.set_tracking_uri(uri)
+    _point_mlflow_at(uri)
     if is_local_store(uri):
-        d = mlruns_dir(workspace)
-        d.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(d / ".store.lock"), timeout=300):
+        with store_lock(workspace):
+            _create_store_atomically(uri)
             client = mlflow.MlflowClient(tracking_uri=uri)
-            client.search_experiments(max_results=1)  # creates / migrates the schema
+            client.search_experiments(max_results=1)  # checks (or migrates) the schema
         return client
     client = mlflow.MlflowClient(tracking_uri=uri)
     # One quick try: MLflow's default retries with backoff take minutes on a dead server.
@@ -94,14 +114,11 @@ def connect(workspace: Path) -> Any:
 
 def experiment_id(client: Any, name: str, workspace: Path) -> str:
     """The id of experiment ``name``, created if needed, tagged to open as model training."""
-    from filelock import FileLock
-
     exp = client.get_experiment_by_name(name)
     if exp is None:
         uri = tracking_uri(workspace)
         location = (mlruns_dir(workspace) / "artifacts").as_uri() if is_local_store(uri) else None
-        lock = FileLock(str(mlruns_dir(workspace) / ".store.lock"), timeout=300) if is_local_store(uri) else None
-        with lock if lock else _null():
+        with store_lock(workspace) if is_local_store(uri) else _null():
             exp = client.get_experiment_by_name(name)
             if exp is None:
                 client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
@@ -114,6 +131,78 @@ def experiment_id(client: Any, name: str, workspace: Path) -> str:
 @contextmanager
 def _null() -> Iterator[None]:
     yield
+
+
+STORE_LOCK_TIMEOUT_S = 300
+
+
+@contextmanager
+def store_lock(workspace: Path) -> Iterator[None]:
+    """An exclusive lock on the workspace's local store (``mlruns/.store.lock``), held while
+    the store or an experiment is created. An flock: the OS releases it when its holder
+    dies, even by ``kill -9``."""
+    from filelock import FileLock, Timeout
+
+    d = mlruns_dir(workspace)
+    d.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(d / ".store.lock"), timeout=STORE_LOCK_TIMEOUT_S)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UsageError(
+            f"another process has held the lock on the MLflow store in {d} for {STORE_LOCK_TIMEOUT_S} s; "
+            "is a stitchbench process stuck? (the lock file is mlruns/.store.lock)"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _create_store_atomically(uri: str) -> None:
+    """Create a missing SQLite store in a temporary file beside it and move it into place.
+
+    SQLite commits MLflow's schema creation statement by statement, so a process killed
+    half-way through would leave a store that every later command refuses. Built aside and
+    renamed, the store is either absent or complete. Call with the store lock held."""
+    import mlflow
+
+    db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    if db.name in ("", ":memory:") or db.exists():
+        return
+    partial = db.with_name(f"{db.name}.creating-{os.getpid()}")
+    for stale in db.parent.glob(f"{db.name}.creating-*"):  # left by a killed creator
+        stale.unlink(missing_ok=True)
+    tmp_uri = f"sqlite:///{partial}"
+    client = mlflow.MlflowClient(tracking_uri=tmp_uri)
+    client.search_experiments(max_results=1)  # creates and migrates the schema
+    _dispose_store(client)
+    for suffix in ("-journal", "-wal", "-shm"):
+        if Path(f"{partial}{suffix}").exists():  # pragma: no cover - only after a crash inside SQLite
+            raise UsageError(f"creating the MLflow store {db} left {partial}{suffix}; remove both and retry")
+    os.replace(partial, db)
+    _fsync_dir(db.parent)
+
+
+def _dispose_store(client: Any) -> None:
+    """Close the connections a client's SQLAlchemy store holds (best effort)."""
+    try:
+        client._tracking_client.store.engine.dispose()
+    except Exception as e:  # noqa: BLE001 - private MLflow attributes; the connections close at exit anyway
+        log.debug("could not dispose of the store's connections: %s", e)
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:  # pragma: no cover - not on every platform
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
 
 
 def all_experiment_ids(client: Any) -> list[str]:

@@ -98,7 +98,6 @@ def test_unknown_preset():
         (["--set", "stitching.matchers=[dmm]"], "unknown matcher 'dmm'; known matchers: dm, tlm"),
         (["--set", "stitching.params.tlm.epochs=-1"], "stitching.params.tlm.epochs"),
         (["--set", "stitching.params.tlm.epoch=3"], "stitching.params.tlm.epoch: unknown key"),
-        (["--set", "dataset.name=cifar10"], "--data-dir"),
         (["--set", "dataset.name=noise"], "auxiliary out-of-distribution set"),
         (["--config", "/nonexistent/c.yaml"], "does not exist"),
     ],
@@ -113,13 +112,21 @@ def test_cli_bad_input_exits_2(workspace, capsys, args, needle):
     assert not (workspace / "mlruns" / "mlflow.db").exists()
 
 
-def test_data_dir_without_the_data(workspace, tmp_path, capsys):
+def test_data_dir_missing_or_without_the_data(workspace, tmp_path, capsys):
+    # a real run (a dry run does not read the data): stopped before the store is created
+    code = main(["run", "--set", "dataset.name=cifar10"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "--data-dir" in err
     empty = tmp_path / "data"
     empty.mkdir()
-    code = main(["run", "--dry-run", "--set", "dataset.name=cifar10", "--data-dir", str(empty)])
+    code = main(["run", "--set", "dataset.name=cifar10", "--data-dir", str(empty)])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert str(empty) in err
+    assert not (workspace / "mlruns" / "mlflow.db").exists()
+    # the dry run plans without the data and says what the real run needs
+    assert main(["run", "--dry-run", "--set", "dataset.name=cifar10"]) == 0
+    assert "needs:      --data-dir DIR" in capsys.readouterr().out
 
 
 def test_dry_run_prints_the_plan(workspace):

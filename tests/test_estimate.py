@@ -61,3 +61,40 @@ def test_quick_plan_estimate_counts_every_job_and_sums_its_parts():
     assert fast.hours == pytest.approx(est.hours / 2)
     text = est.describe()
     assert "ASSUMED, not measured" in text and "GPU-" in text
+
+
+PAPER_PRESETS = [
+    "paper-table1-resnet18", "paper-table1-vit", "paper-ood-cifar10-resnet18", "paper-ood-cifar10-vit",
+    *[f"paper-ding-{d}-{a}" for d in ("cifar10", "svhn", "imagenet") for a in ("resnet18", "vit")],
+]
+
+
+@pytest.mark.parametrize("preset", PAPER_PRESETS)
+def test_every_paper_preset_dry_runs_without_data_and_prints_jobs_and_gpu_hours(preset, workspace, capsys, monkeypatch):
+    import re
+
+    from stitchbench.cli import main
+
+    monkeypatch.chdir(workspace)
+    assert main(["run", "--preset", preset, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    jobs = re.search(r"^jobs: +(\d+) network\(s\), (\d+) matrix job\(s\) \((\d+) stitchers\)", out, re.MULTILINE)
+    est = re.search(r"^estimate: +(\d+) job\(s\), about ([\d,.]+) GPU-(hours|minutes)", out, re.MULTILINE)
+    assert jobs and est, out[-2000:]
+    assert int(jobs.group(1)) == (5 if "imagenet" in preset else 10)
+    assert float(est.group(2).replace(",", "")) > 0
+    assert "needs:      --data-dir DIR" in out and "ASSUMED, not measured" in out
+    assert not (workspace / "mlruns" / "mlflow.db").exists()  # a dry run logs nothing
+
+
+def test_table1_presets_plan_the_papers_22880_stitchers(workspace, capsys, monkeypatch):
+    import re
+
+    from stitchbench.cli import main
+
+    monkeypatch.chdir(workspace)
+    total = 0
+    for preset in ("paper-table1-resnet18", "paper-table1-vit"):
+        assert main(["run", "--preset", preset, "--dry-run"]) == 0
+        total += int(re.search(r"\((\d+) stitchers\)", capsys.readouterr().out).group(1))
+    assert total == 22_880  # paper, "Table 1 alone requires computing 22,880 stitching transformations"
