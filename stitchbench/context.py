@@ -44,6 +44,8 @@ class RunContext:
     resolved `RunConfig`; ``device`` the torch device; ``workspace`` the workspace path.
     ``activations(model_name, split, n)`` returns cached per-layer activations.
     ``get_plugin(name)`` looks up another plugin of this run's plugin set.
+    ``network_keys`` maps model names to the networks' job keys (what derived jobs, e.g.
+    an evaluation's detectors, put in their own keys).
     """
 
     config: Any
@@ -57,6 +59,7 @@ class RunContext:
     cache: Any = None
     plugins: Any = None
     run_id: str | None = None
+    network_keys: dict[str, str] = field(default_factory=dict)
 
     def measures(self) -> list[str]:
         seen: list[str] = []

@@ -93,7 +93,7 @@ def execute(plan: Plan, plugins: PluginSet, workspace: Path, *, client: Any = No
                 config=cfg, data=plan.data, networks={k: v.net for k, v in nets.items()},
                 network_accuracy={k: v.test_accuracy for k, v in nets.items()}, layers=plan.layers,
                 matrices=records, device=device, workspace=workspace, cache=state.cache, plugins=plugins,
-                run_id=parent.info.run_id,
+                run_id=parent.info.run_id, network_keys={n.model_name: n.key for n in plan.networks},
             )
             for ev in plan.evaluations:
                 # Evaluations run here, in the driver, whatever the executor. The seed makes one

@@ -11,6 +11,7 @@ import time
 
 import mlflow
 import numpy as np
+import pytest
 
 from .conftest import EXE
 
@@ -84,6 +85,10 @@ def test_sigterm_marks_the_run_killed(tmp_path):
     assert any(r.data.tags.get("stitchbench.kind") == "stitch_matrix" and r.info.status == "KILLED" for r in runs)
 
 
+# About 80 s through the installed command (TLM stitchers, three processes): in the slow set.
+# The default run has the same guarantee from tests/test_reliability.py (kill -9 at three
+# random moments, then a rerun equal to an uninterrupted run; SIGINT resuming stitchers).
+@pytest.mark.slow
 def test_kill_9_then_rerun_reuses_finished_stitchers_and_matches_an_uninterrupted_run(tmp_path):
     # The reference: the same config, never interrupted, in its own workspace.
     ref_ws = tmp_path / "ref"
