@@ -39,3 +39,25 @@ def cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: i
         full_env["STITCHBENCH_WORKSPACE"] = str(cwd)
     full_env.update(env or {})
     return subprocess.run([str(EXE), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+# A third-party similarity index, as a user would write it in a file and register by path
+# (tests/test_run_e2e.py; tests/test_executors.py ships it to Ray workers).
+MEAN_NORM_PLUGIN = '''
+import numpy as np
+import stitchbench
+
+class MeanNorm(stitchbench.SimilarityIndex):
+    """Negative distance between mean activation norms (a third-party test plugin)."""
+    name = "mean_norm"
+    higher_is_more_similar = True
+
+    def compute(self, A, B):
+        a = np.linalg.norm(np.asarray(A, float).reshape(len(A), -1), axis=1).mean()
+        b = np.linalg.norm(np.asarray(B, float).reshape(len(B), -1), axis=1).mean()
+        return float(-abs(a - b))
+
+@stitchbench.hookimpl
+def register_similarity_indices(register):
+    register(MeanNorm())
+'''

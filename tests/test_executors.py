@@ -22,7 +22,7 @@ from stitchbench.networks import TrainedNetwork, build
 from stitchbench.plan import make_plan
 from stitchbench.plugins import load_plugins
 
-from .conftest import cli
+from .conftest import MEAN_NORM_PLUGIN, cli
 
 # -- local executor and config (fast) -----------------------------------------------------
 
@@ -180,24 +180,7 @@ executor: {num_cpus: 2}
 
 # A third-party index registered by path: its module exists only in the driver, so the Ray
 # executor has to ship its code to the workers.
-PLUGIN = '''
-import numpy as np
-import stitchbench
-
-class MeanNorm(stitchbench.SimilarityIndex):
-    """Negative distance between mean activation norms (a third-party test plugin)."""
-    name = "mean_norm"
-    higher_is_more_similar = True
-
-    def compute(self, A, B):
-        a = np.linalg.norm(np.asarray(A, float).reshape(len(A), -1), axis=1).mean()
-        b = np.linalg.norm(np.asarray(B, float).reshape(len(B), -1), axis=1).mean()
-        return float(-abs(a - b))
-
-@stitchbench.hookimpl
-def register_similarity_indices(register):
-    register(MeanNorm())
-'''
+PLUGIN = MEAN_NORM_PLUGIN
 
 MEASURES = ("--plugin", "dm", "--plugin", "lcka", "--plugin", "mean_norm")
 # One torch thread in the local run, as in each 1-CPU Ray task: CPU kernels then reduce in

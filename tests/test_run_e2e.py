@@ -9,7 +9,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from .conftest import cli
+from .conftest import MEAN_NORM_PLUGIN, cli
 
 TINY = """
 name: tiny
@@ -26,24 +26,7 @@ stitching:
 indices: {n_examples: 120, params: {dm_struct: {k: 40}}}
 """
 
-PLUGIN = '''
-import numpy as np
-import stitchbench
-
-class MeanNorm(stitchbench.SimilarityIndex):
-    """Negative distance between mean activation norms (a third-party test plugin)."""
-    name = "mean_norm"
-    higher_is_more_similar = True
-
-    def compute(self, A, B):
-        a = np.linalg.norm(np.asarray(A, float).reshape(len(A), -1), axis=1).mean()
-        b = np.linalg.norm(np.asarray(B, float).reshape(len(B), -1), axis=1).mean()
-        return float(-abs(a - b))
-
-@stitchbench.hookimpl
-def register_similarity_indices(register):
-    register(MeanNorm())
-'''
+PLUGIN = MEAN_NORM_PLUGIN
 
 
 def _client(ws):
