@@ -25,7 +25,6 @@ Module top level imports neither torch nor numpy (plugin listings import this mo
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import weakref
@@ -38,6 +37,7 @@ from pydantic import Field
 from stitchbench import Evaluation, EvaluationResult, Params
 from stitchbench.keys import job_key
 
+from ._network_keys import fingerprint, network_key
 from ._probing import ProbeParams, one_cpu_thread
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ FROM_B_TO_A = frozenset({"dm_struct", "dm_func"})
 PROBE_TAG = "stitchbench.ding.probes"
 PROBE_ARTIFACT = "probes.json"
 #: Bump when the definition of a probe or of the low-rank approximation changes.
-PROBE_VERSION = 1
+PROBE_VERSION = 2
 
 
 # --------------------------------------------------------------------------- parameters
@@ -222,31 +222,6 @@ class NetworkFeatures:
 
 
 _FEATURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def fingerprint(net: Any) -> str:
-    """A hash of a network's weights and buffers: what a probe's key names it by (the
-    evaluation context names networks by model name only; see docs/ding.md). Cached per
-    network object until a tensor of it is modified in place (torch's version counters)."""
-    import torch
-
-    state = net.state_dict()
-    versions = tuple(t._version for t in state.values())
-    hit = _FINGERPRINTS.get(net)
-    if hit is not None and hit[0] == versions:
-        return hit[1]
-    h = hashlib.sha256()
-    for name, t in sorted(state.items()):
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    out = h.hexdigest()[:20]
-    _FINGERPRINTS[net] = (versions, out)
-    return out
-
-
 def network_features(context: RunContext, model_name: str, moment_layers: Sequence[str] = (),
                      batch_size: int = 256) -> NetworkFeatures:
     """One forward pass over each split (no augmentation, fixed order): every layer's pooled
@@ -299,7 +274,7 @@ def probe_key(context: RunContext, rep: Rep, params: ProbeParams) -> str:
     return job_key(
         "ding_probe",
         version=PROBE_VERSION,
-        network=fingerprint(context.networks[rep.network]),
+        network=network_key(context, rep.network),
         dataset=context.config.dataset.model_dump(mode="json"),
         layer=rep.layer,
         rank=rep.rank,

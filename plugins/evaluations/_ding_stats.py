@@ -49,26 +49,26 @@ def _defined(x: np.ndarray, y: np.ndarray) -> bool:
     return len(x) >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0
 
 
-def kendall(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
-    """(τ-b, one-sided p in Ding's convention); NaN when undefined (< 3 pairs, a constant side)."""
+def _rank_correlation(test: str, x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    """(statistic, one-sided p in Ding's convention) of ``scipy.stats.<test>``; NaN when
+    undefined (< 3 pairs, a constant side)."""
     from scipy import stats
 
     x, y = _clean(x, y)
     if not _defined(x, y):
         return float("nan"), float("nan")
-    res = stats.kendalltau(x, y)
+    res = getattr(stats, test)(x, y)
     return float(res.statistic), ding_one_sided(float(res.pvalue), float(res.statistic))
+
+
+def kendall(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    """(τ-b, one-sided p in Ding's convention); NaN when undefined."""
+    return _rank_correlation("kendalltau", x, y)
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
     """(ρ, one-sided p in Ding's convention); NaN when undefined."""
-    from scipy import stats
-
-    x, y = _clean(x, y)
-    if not _defined(x, y):
-        return float("nan"), float("nan")
-    res = stats.spearmanr(x, y)
-    return float(res.statistic), ding_one_sided(float(res.pvalue), float(res.statistic))
+    return _rank_correlation("spearmanr", x, y)
 
 
 # -- permutation statistics -------------------------------------------------------------

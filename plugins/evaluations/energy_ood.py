@@ -28,6 +28,8 @@ from pydantic import Field, ValidationError, model_validator
 import stitchbench
 from stitchbench import Evaluation, EvaluationResult, Params
 
+from ._network_keys import network_key
+
 log = logging.getLogger(__name__)
 
 DETECTOR_ARTIFACT_DIR = "detector"
@@ -217,7 +219,7 @@ class _Analysis:
         self.device = context.device
         self.shapes = context.layer_shapes()
         self.detectors: dict[tuple[str, str], Detector] = {}
-        self.net_keys = network_keys(context)
+        self.net_keys = {name: network_key(context, name) for name in context.networks}
         self.seed = int(getattr(context.config, "seed", 0))
         self._aux = None
         self._aux_resolved: dict[str, Any] | None = None
@@ -622,37 +624,6 @@ class _Analysis:
 
 
 # -- registry ------------------------------------------------------------------------------------
-
-
-def network_keys(context: Any) -> dict[str, str]:
-    """Job key of every network of the run, by model name.
-
-    Uses ``context.network_keys`` when the core provides it; otherwise re-plans the run's
-    (already validated) config without loading data, which yields the same keys; as a last
-    resort a hash of each network's weights."""
-    keys = getattr(context, "network_keys", None)
-    if keys:
-        return dict(keys)
-    try:
-        from stitchbench.plan import make_plan
-
-        plan = make_plan(context.config, context.plugins, load_data=False)
-        keys = {n.model_name: n.key for n in plan.networks}
-        if set(context.networks) <= set(keys):
-            return keys
-    except Exception as e:  # noqa: BLE001 - fall back to the weights themselves
-        log.debug("could not re-plan the run for network keys (%s); hashing weights", e)
-    return {name: weights_fingerprint(net) for name, net in context.networks.items()}
-
-
-def weights_fingerprint(net: Any) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for k, v in sorted(net.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return "weights:" + h.hexdigest()[:20]
 
 
 def find_detector(client: Any, model_name: str, key: str) -> Any | None:
