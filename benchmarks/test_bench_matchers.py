@@ -12,8 +12,10 @@
     to show that the streaming solvers' memory does not grow with K.
 (c) Task loss matching: one epoch of `tlm` against its floor, the receiver's forward and
     backward (plus T's Adam step) on source activations computed beforehand. Shapes: 2,048
-    images 3x16x16, a 5-block conv net of width 16 with BatchNorm, stitching block 1 of one
-    network to block 1 of another, batch 128. Epoch times are TLM's own (``fit_info``
+    images 3x16x16, a 5-block conv net of width 16 with BatchNorm, batch 128. One cell
+    alone (block 1 of one network to block 1 of another), and a matrix row (block 1 to
+    each of the five blocks) trained together by ``fit_many`` as the pipeline trains it,
+    against the sum of its cells' floors. Epoch times are TLM's own (``fit_info``
     ``seconds_per_epoch``: the DM initialisation and the one-off source cache are not in
     them; the cache's cost is printed apart); medians over interleaved rounds.
 
@@ -182,7 +184,7 @@ def _network(seed: int) -> SmallConvNet:
     return net.eval()
 
 
-def _problem():
+def _problems(target_layers: list[str]):
     from stitchbench.data import LoadedDataset, TensorSplit, random_crop_flip
     from stitchbench.stitching import StitchingProblem
 
@@ -192,18 +194,20 @@ def _problem():
     )
     test = TensorSplit(torch.randn(64, 3, 16, 16, generator=g), torch.randint(0, 10, (64,), generator=g))
     data = LoadedDataset("bench", 10, (3, 16, 16), split, test, augment=random_crop_flip(padding=2))
-    return StitchingProblem(
-        source=_network(0), source_layer="block1", target=_network(1), target_layer="block1", data=data
-    )
+    source, target = _network(0), _network(1)
+    return [
+        StitchingProblem(source=source, source_layer="block1", target=target, target_layer=t, data=data)
+        for t in target_layers
+    ]
 
 
-def test_bench_tlm_epoch_vs_floor(benchmark):
+def _floor(prob):
+    """One epoch of the floor for one cell: the receiver's forward + backward and T's Adam
+    step on the source activations of the (unaugmented) training split computed beforehand."""
     from stitchbench_plugins.matchers.dm import DirectMatching
-    from stitchbench_plugins.matchers.tlm import TaskLossMatching
 
     from stitchbench.stitching import frozen
 
-    prob = _problem()
     layer = DirectMatching().fit(prob, {"k": 100})
     with torch.no_grad():
         H = prob.source.front(prob.data.train.images, prob.source_layer)
@@ -211,7 +215,7 @@ def test_bench_tlm_epoch_vs_floor(benchmark):
     stitched = prob.stitched(layer)
     optimiser = torch.optim.Adam(layer.parameters(), lr=1e-3, weight_decay=1e-5)
 
-    def floor_epoch():
+    def epoch():
         with frozen(prob.source, prob.target):
             stitched.train()
             order = torch.randperm(H.shape[0])
@@ -223,30 +227,58 @@ def test_bench_tlm_epoch_vs_floor(benchmark):
                 optimiser.step()
             stitched.eval()
 
-    variants = {
+    return epoch
+
+
+def test_bench_tlm_epoch_vs_floor(benchmark):
+    """One cell alone (block1 -> block1), then a whole row (block1 -> each of the five
+    blocks) trained together by ``fit_many``, against the sum of the row's floors."""
+    from stitchbench_plugins.matchers.tlm import TaskLossMatching
+
+    row = _problems([f"block{i}" for i in range(5)])
+    cell = row[1]
+    floors = {p.target_layer: _floor(p) for p in row}
+    single = {
         "augmented (source recomputed)": {"augment": True},
         "no augmentation, cached": {"augment": False},
         "no augmentation, not cached": {"augment": False, "cache_source": False},
     }
+    together = {
+        "row augmented (source recomputed)": {"augment": True},
+        "row no augmentation, not cached": {"augment": False, "cache_source": False},
+    }
     tlm = TaskLossMatching()
-    floor_epoch()  # warm-up
-    floors: list[float] = []
-    epochs: dict[str, list[float]] = {name: [] for name in variants}
+    base = {"batch_size": BATCH_TLM, "epochs": 2, "dm": {"k": 100}}
+    for f in floors.values():
+        f()  # warm-up
+    floor_times: dict[str, list[float]] = {name: [] for name in floors}
+    epochs: dict[str, list[float]] = {name: [] for name in [*single, *together]}
     cache_seconds = 0.0
     for _ in range(3):  # interleaved, so that a busy machine slows every variant alike
-        floors.append(_best_of(floor_epoch, rounds=1))
-        for name, extra in variants.items():
-            info = tlm.fit(prob, {"batch_size": BATCH_TLM, "epochs": 2, "dm": {"k": 100}, **extra}).fit_info
+        for name, f in floors.items():
+            floor_times[name].append(_best_of(f, rounds=1))
+        for name, extra in single.items():
+            info = tlm.fit(cell, {**base, **extra}).fit_info
             epochs[name] += info["seconds_per_epoch"]
             cache_seconds = max(cache_seconds, info["cache_seconds"])
+        for name, extra in together.items():
+            layers = tlm.fit_many(row, {**base, **extra})
+            assert {T.fit_info["trained_together"] for T in layers} == {len(row)}
+            epochs[name] += layers[0].fit_info["seconds_per_epoch"]
     benchmark.group = "tlm epoch"
-    benchmark.pedantic(floor_epoch, rounds=3, iterations=1)
-    floor = float(np.median(floors))
-    print(f"\n[tlm] {N_TLM} images 3x16x16, width-{WIDTH} conv net, block1 -> block1, batch {BATCH_TLM}")
-    print(f"[tlm] floor (receiver fwd+bwd + T's step, precomputed source) {floor:.3f} s/epoch (median of 3)")
-    for name, ts in epochs.items():
-        t = float(np.median(ts))
-        print(f"[tlm] {name:31s} {t:.3f} s/epoch ({t / floor:.2f}x floor, median of {len(ts)})")
+    benchmark.pedantic(floors[cell.target_layer], rounds=3, iterations=1)
+    floor = {name: float(np.median(ts)) for name, ts in floor_times.items()}
+    row_floor = sum(floor.values())
+    print(f"\n[tlm] {N_TLM} images 3x16x16, width-{WIDTH} conv net, batch {BATCH_TLM}; medians of 3 rounds")
+    print("[tlm] floor (receiver fwd+bwd + T's step, precomputed source), s/epoch: "
+          + ", ".join(f"block1 -> {k} {v:.3f}" for k, v in floor.items()) + f"; row sum {row_floor:.3f}")
+    for name in single:
+        t = float(np.median(epochs[name]))
+        f = floor[cell.target_layer]
+        print(f"[tlm] one cell, {name:31s} {t:.3f} s/epoch ({t / f:.2f}x its floor)")
+    for name in together:
+        t = float(np.median(epochs[name]))
+        print(f"[tlm] {len(row)} cells, {name:31s} {t:.3f} s/epoch ({t / row_floor:.2f}x the row's floors)")
     print(f"[tlm] building the source cache (once per fit): {cache_seconds:.3f} s")
 
 

@@ -36,7 +36,7 @@ from .errors import JobError, StitchbenchError
 from .executors import Executor, Future
 from .plan import MatrixJob, Plan, PluginUse
 from .plots import heatmap
-from .plugin_types import IndexContext
+from .plugin_types import IndexContext, Matcher
 from .progress import progress_bar
 from .runs import child_run, log_array, log_figure
 from .stitching import StitchingLayer, StitchingProblem
@@ -205,18 +205,28 @@ def compute_stitch_matrix(
     values = np.full((len(rows), n), np.nan)
     stitchers: dict[str, torch.Tensor] = {}
     resumed = 0
+    # A matcher that overrides `fit_many` fits the unfinished cells of a row together (they
+    # share the source half); any other matcher fits, and keeps, one cell at a time.
+    by_row = type(task.job.plugin.obj).fit_many is not Matcher.fit_many
     with progress_bar(total=len(rows) * n, desc=task.job.label, unit="stitcher") as bar:
         for r, i in enumerate(rows):
-            for j, t_layer in enumerate(task.layers):
-                done = cells.get(i, j) if cells is not None else None
-                resumed += done is not None
-                if done is None:
-                    done = _fit_cell(task, data, src, task.layers[i], tgt, t_layer, target.test_accuracy,
-                                     state.cache, device)
+            done = {j: cells.get(i, j) if cells is not None else None for j in range(n)}
+            resumed += sum(d is not None for d in done.values())
+            todo = [j for j, d in done.items() if d is None]
+            if by_row and len(todo) > 1:
+                problems = [_problem(task, data, src, i, tgt, j, state.cache, device) for j in todo]
+                for j, payload in zip(todo, _fit_row(task, problems, target.test_accuracy, state.cache)):
+                    done[j] = payload
                     if cells is not None:
-                        cells.put(i, j, done)
-                values[r, j] = float(done["relative_accuracy"])
-                for k, v in done["state"].items():
+                        cells.put(i, j, payload)
+            for j in range(n):
+                if done[j] is None:
+                    problem = _problem(task, data, src, i, tgt, j, state.cache, device)
+                    done[j] = _fit_cell(task, problem, target.test_accuracy, state.cache)
+                    if cells is not None:
+                        cells.put(i, j, done[j])
+                values[r, j] = float(done[j]["relative_accuracy"])
+                for k, v in done[j]["state"].items():
                     stitchers[f"{i}_{j}.{k}"] = v
                 bar.update(1)
     return StitchResult(rows, values, stitchers, resumed)
@@ -240,16 +250,20 @@ def merge_rows(job: MatrixJob, n: int, parts: list[StitchResult]) -> StitchResul
     return StitchResult(list(range(n)), values, stitchers, sum(p.resumed for p in parts))
 
 
-def _fit_cell(task: MatrixTask, data: Any, src: Any, s_layer: str, tgt: Any, t_layer: str, target_accuracy: float,
-              cache: ActivationCache, device: torch.device) -> dict[str, Any]:
+def _problem(task: MatrixTask, data: Any, src: Any, i: int, tgt: Any, j: int, cache: ActivationCache,
+             device: torch.device) -> StitchingProblem:
+    return StitchingProblem(
+        source=src, source_layer=task.layers[i], target=tgt, target_layer=task.layers[j],
+        data=data, device=device, seed=task.seed, cache=cache,
+    )
+
+
+def _fit_cell(task: MatrixTask, problem: StitchingProblem, target_accuracy: float,
+              cache: ActivationCache) -> dict[str, Any]:
     """One stitcher: fitted, evaluated, as the cell-cache payload."""
     job = task.job
     matcher = job.plugin.obj
-    problem = StitchingProblem(
-        source=src, source_layer=s_layer, target=tgt, target_layer=t_layer,
-        data=data, device=device, seed=task.seed, cache=cache,
-    )
-    cell = f"{job.label} cell ({s_layer} -> {t_layer})"
+    cell = f"{job.label} cell ({problem.source_layer} -> {problem.target_layer})"
     # A matcher that draws from torch's global generator gets the same draws whichever
     # process fits the cell and whatever ran there before (bundled matchers use their own).
     torch.manual_seed(task.seed)
@@ -259,9 +273,42 @@ def _fit_cell(task: MatrixTask, data: Any, src: Any, s_layer: str, tgt: Any, t_l
         raise
     except Exception as e:
         raise JobError(cell, matcher.name, e) from e
+    return _payload(problem, _checked(cell, matcher.name, layer), target_accuracy, task, cache)
+
+
+def _fit_row(task: MatrixTask, problems: list[StitchingProblem], target_accuracy: float,
+             cache: ActivationCache) -> list[dict[str, Any]]:
+    """The stitchers of several cells of one row, fitted together by the matcher's
+    ``fit_many``, each evaluated, as cell-cache payloads."""
+    job = task.job
+    matcher = job.plugin.obj
+    targets = ", ".join(p.target_layer for p in problems)
+    cells = f"{job.label} cells ({problems[0].source_layer} -> {targets})"
+    torch.manual_seed(task.seed)
+    try:
+        layers = list(matcher.fit_many(problems, job.plugin.params))
+    except StitchbenchError:
+        raise
+    except Exception as e:
+        raise JobError(cells, matcher.name, e) from e
+    if len(layers) != len(problems):
+        raise JobError(cells, matcher.name, ValueError(
+            f"fit_many() returned {len(layers)} stitchers for {len(problems)} problems"))
+    return [
+        _payload(p, _checked(cells, matcher.name, layer), target_accuracy, task, cache)
+        for p, layer in zip(problems, layers)
+    ]
+
+
+def _checked(where: str, matcher: str, layer: Any) -> StitchingLayer:
     if not isinstance(layer, StitchingLayer):
-        raise JobError(cell, matcher.name, TypeError(
+        raise JobError(where, matcher, TypeError(
             f"fit() returned {type(layer).__name__}, expected a stitchbench.StitchingLayer"))
+    return layer
+
+
+def _payload(problem: StitchingProblem, layer: StitchingLayer, target_accuracy: float, task: MatrixTask,
+             cache: ActivationCache) -> dict[str, Any]:
     acc = stitched_accuracy(problem, layer, cache, task.eval_batch_size)
     rel = acc / target_accuracy if target_accuracy > 0 else float("nan")
     return {"relative_accuracy": torch.tensor(rel, dtype=torch.float64),

@@ -146,6 +146,15 @@ class Matcher(Plugin):
     def fit(self, problem: StitchingProblem, params: Any) -> StitchingLayer:
         raise NotImplementedError
 
+    def fit_many(self, problems: Sequence[StitchingProblem], params: Any) -> list[StitchingLayer]:
+        """The stitchers of several cells of one matrix row: the problems share the source
+        network, the source layer, the data, the seed and the device (the target layer
+        differs). Must return, in order, what ``fit`` returns for each. This default fits
+        them one by one; a matcher that can share work between the cells overrides it
+        (``tlm`` computes the source half once per batch for all of them). The core calls
+        it only when a matcher overrides it, so a plain matcher keeps per-cell resuming."""
+        return [self.fit(problem, params) for problem in problems]
+
     def estimate_cost(self, params: Any, info: DatasetInfo) -> Cost | None:
         """The compute of fitting and evaluating *one* stitcher on data described by
         ``info`` (for ``--dry-run``); None: not estimated."""

@@ -582,6 +582,28 @@ def test_tlm_cache_matches_uncached(conv_nets, data):
     assert not augmented.fit_info["source_cached"] and augmented.fit_info["augment"]
 
 
+@pytest.mark.parametrize("augment", [True, False], ids=["augmented", "cached"])
+def test_tlm_fit_many_equals_one_fit_per_cell(conv_nets, data, augment):
+    """A row of cells trained together (the source half computed once per batch) gives
+    each cell the stitcher it gets alone; cells with another source go in their own group,
+    and the result keeps the problems' order."""
+    a, b = conv_nets
+    params = {"epochs": 2, "batch_size": 128, "augment": augment, "dm": {"k": 60}}
+    probs = [problem(a, "b1", b, t, data) for t in b.layer_names] + [problem(a, "b0", a, "b2", data)]
+    a.train()  # a mode to restore
+    together = TaskLossMatching().fit_many(probs, params)
+    assert a.training and not b.training
+    a.eval()
+    assert [T.fit_info["trained_together"] for T in together] == [3, 3, 3, 1]
+    assert all(T.fit_info["source_cached"] is not augment for T in together)
+    for prob, T in zip(probs, together):
+        alone = TaskLossMatching().fit(prob, params)
+        assert T.target_shape == prob.target_shape
+        for k, v in alone.state_dict().items():
+            torch.testing.assert_close(T.state_dict()[k], v, rtol=0, atol=1e-6)
+        assert T.fit_info["loss_per_epoch"] == pytest.approx(alone.fit_info["loss_per_epoch"], rel=1e-6)
+
+
 def test_tlm_token_network(token_nets, data):
     a, b = token_nets
     prob = problem(a, "t0", b, "t1", data)

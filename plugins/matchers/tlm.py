@@ -5,7 +5,8 @@ trained with cross-entropy of the stitched network g>j ∘ T ∘ f<=i on the (au
 training split. Only T's parameters change: both networks are frozen
 (`stitchbench.stitching.frozen`) and stay in eval mode, so BatchNorm uses, and keeps, its
 running statistics. The source half runs without gradients; see docs/matchers.md for when
-its activations are cached across epochs.
+its activations are cached across epochs. `fit_many` trains the cells of a matrix row (one
+source layer) together, computing the source half once per batch for all of them.
 
 Torch is imported inside the methods: ``stitchbench plugins list`` imports this module.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
@@ -63,112 +65,174 @@ class TaskLossMatching(Matcher):
     def fit(self, problem: StitchingProblem, params: Any = None) -> StitchingLayer:
         """The DM stitcher for this cell, trained on the task loss; both networks are left
         exactly as they were (parameters, buffers, ``requires_grad`` flags, modes)."""
+        return self.fit_many([problem], params)[0]
+
+    def fit_many(self, problems: Sequence[StitchingProblem], params: Any = None) -> list[StitchingLayer]:
+        """What `fit` returns for each problem, with the cells that share a source (network,
+        layer, data, seed, device) trained together: one pass over the data per epoch, the
+        source half computed once per batch for all of them, then each stitcher's receiver
+        forward and backward and its own Adam step. Each stitcher sees exactly the batches
+        (and augmentations) it would see alone, so the results are those of `fit`."""
         params = self.Params.model_validate(params if params is not None else {})
-        with eval_mode(problem.source, problem.target):
-            return self._fit(problem, params)
+        groups: dict[tuple[int, str, int, int, str], list[int]] = {}
+        for n, p in enumerate(problems):
+            key = (id(p.source), p.source_layer, id(p.data), p.seed, str(p.device))
+            groups.setdefault(key, []).append(n)
+        out: list[StitchingLayer | None] = [None] * len(problems)
+        for members in groups.values():
+            group = [problems[n] for n in members]
+            nets = [group[0].source, *(p.target for p in group)]
+            with eval_mode(*nets):
+                for n, layer in zip(members, self._fit_group(group, params)):
+                    out[n] = layer
+        return out  # type: ignore[return-value]
 
-    def _fit(self, problem: StitchingProblem, params: Params) -> StitchingLayer:
+    def _fit_group(self, problems: list[StitchingProblem], params: Params) -> list[StitchingLayer]:
         import torch
-        import torch.nn.functional as F
 
-        from stitchbench.errors import DivergenceError
         from stitchbench.stitching import frozen
 
-        layer = DirectMatching().fit(problem, params.dm)
-        dm_info = dict(layer.fit_info)
-        source, target = problem.source, problem.target
-        where = f"{problem.source_layer} -> {problem.target_layer}"
-        augmenting = params.augment and problem.data.augment is not None
-        n_train = len(problem.data.train)
-        cache_bytes = 4 * n_train * math.prod(problem.source_shape)
+        first = problems[0]
+        augmenting = params.augment and first.data.augment is not None
+        n_train = len(first.data.train)
+        cache_bytes = 4 * n_train * math.prod(first.source_shape)
         use_cache = params.cache_source and not augmenting and cache_bytes <= params.cache_limit_mb * 2**20
-
-        stitched = problem.stitched(layer)  # puts both networks in eval mode
-        trainable = list(layer.parameters())
-        optimiser = torch.optim.Adam(trainable, lr=params.lr, weight_decay=params.weight_decay)
+        cells = [_Cell(p, DirectMatching().fit(p, params.dm), params) for p in problems]
+        what = f"{first.source_layer} -> {', '.join(p.target_layer for p in problems)}"
         # One generator for the whole training: every epoch gets a new order (and new
-        # augmentations); `train_batches` would restart from the seed if given none.
-        generator = torch.Generator().manual_seed(problem.seed)
-        losses: list[float] = []
+        # augmentations); `train_batches` would restart from the seed if given none. All
+        # the cells draw the same batches, as each would alone.
+        generator = torch.Generator().manual_seed(first.seed)
         seconds: list[float] = []
-        accuracies: list[float] = []
         try:
-            with frozen(source, target):
-                for p in trainable:
-                    p.requires_grad_(True)
-                stitched.train()  # T only; both halves stay in eval mode
+            with frozen(*_distinct([first.source, *(p.target for p in problems)])):
+                for cell in cells:
+                    cell.start()
                 started = time.perf_counter()
-                cached = _source_cache(problem, params.batch_size) if use_cache and params.epochs else None
+                cached = _source_cache(first, params.batch_size) if use_cache and params.epochs else None
                 cache_seconds = time.perf_counter() - started
-                epochs = _progress(range(params.epochs), f"tlm {where}")
+                epochs = _progress(range(params.epochs), f"tlm {what}")
                 for epoch in epochs:
                     started = time.perf_counter()
                     if cached is not None:
                         batches = _cached_batches(*cached, params.batch_size, generator)
                     else:
-                        batches = _source_batches(problem, params.batch_size, params.augment, generator)
-                    total = torch.zeros((), dtype=torch.float64, device=problem.device)
-                    correct = torch.zeros((), dtype=torch.int64, device=problem.device)
-                    count = 0
+                        batches = _source_batches(first, params.batch_size, params.augment, generator)
+                    for cell in cells:
+                        cell.new_epoch()
                     for h, y in batches:
-                        logits = stitched.forward_from_source(h)
-                        loss = F.cross_entropy(logits, y)
-                        optimiser.zero_grad(set_to_none=True)
-                        loss.backward()
-                        optimiser.step()
-                        total += loss.detach().double() * y.shape[0]
-                        correct += (logits.detach().argmax(1) == y).sum()
-                        count += y.shape[0]
-                    # One synchronisation per epoch; a non-finite step makes the sum non-finite.
-                    mean_loss = float(total) / max(count, 1)
-                    if not math.isfinite(mean_loss):
-                        raise DivergenceError(
-                            f"tlm diverged: non-finite training loss in epoch {epoch + 1}/{params.epochs} "
-                            f"stitching {type(source).__name__} {problem.source_layer} -> "
-                            f"{type(target).__name__} {problem.target_layer} (lr={params.lr:g}); "
-                            "try a smaller lr"
-                        )
-                    accuracy = float(correct) / max(count, 1)
-                    losses.append(mean_loss)
-                    accuracies.append(accuracy)
+                        for cell in cells:
+                            cell.step(h, y)
+                    for cell in cells:  # one synchronisation per cell and epoch
+                        cell.end_epoch(epoch, params)
                     seconds.append(time.perf_counter() - started)
-                    epochs.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{accuracy:.3f}")
-                    log.debug(
-                        "tlm %s epoch %d/%d: loss %.5f, accuracy %.4f",
-                        where,
-                        epoch + 1,
-                        params.epochs,
-                        mean_loss,
-                        accuracy,
-                    )
-                    if problem.progress is not None:
-                        problem.progress(
-                            f"tlm {where} epoch {epoch + 1}/{params.epochs} loss {mean_loss:.4f}"
-                        )
+                    last = cells[-1]
+                    epochs.set_postfix(loss=f"{last.losses[-1]:.4f}", acc=f"{last.accuracies[-1]:.3f}")
+                    if first.progress is not None:
+                        losses = " ".join(f"{c.losses[-1]:.4f}" for c in cells)
+                        first.progress(f"tlm {what} epoch {epoch + 1}/{params.epochs} loss {losses}")
         finally:
-            optimiser.zero_grad(set_to_none=True)
-            layer.train(False)
+            for cell in cells:
+                cell.finish()
 
-        layer.fit_info = {
-            "matcher": "tlm",
-            "dm": dm_info,
-            "epochs": params.epochs,
-            "loss": losses[-1] if losses else None,
-            "loss_per_epoch": losses,
-            "accuracy_per_epoch": accuracies,
-            "seconds_per_epoch": seconds,
-            "augment": augmenting,
-            "source_cached": bool(use_cache and params.epochs),
-            "cache_seconds": cache_seconds if use_cache and params.epochs else 0.0,
-        }
-        log.info(
-            "tlm %s: %d epochs, training loss %s, DM residual %.6g",
-            where,
+        for cell in cells:
+            cell.layer.fit_info = {
+                "matcher": "tlm",
+                "dm": cell.dm_info,
+                "epochs": params.epochs,
+                "loss": cell.losses[-1] if cell.losses else None,
+                "loss_per_epoch": cell.losses,
+                "accuracy_per_epoch": cell.accuracies,
+                "seconds_per_epoch": seconds,
+                "trained_together": len(cells),
+                "augment": augmenting,
+                "source_cached": bool(use_cache and params.epochs),
+                "cache_seconds": cache_seconds if use_cache and params.epochs else 0.0,
+            }
+            log.info(
+                "tlm %s -> %s: %d epochs (%d stitchers together), training loss %s, DM residual %.6g",
+                first.source_layer,
+                cell.problem.target_layer,
+                params.epochs,
+                len(cells),
+                f"{cell.losses[-1]:.5f}" if cell.losses else "n/a",
+                cell.dm_info["residual"],
+            )
+        return [cell.layer for cell in cells]
+
+
+class _Cell:
+    """One stitcher being trained: its layer, stitched network, optimiser and running sums."""
+
+    def __init__(self, problem: StitchingProblem, layer: StitchingLayer, params: TaskLossMatching.Params):
+        import torch
+
+        self.problem = problem
+        self.layer = layer
+        self.dm_info = dict(layer.fit_info)
+        self.stitched = problem.stitched(layer)  # puts both networks in eval mode
+        self.optimiser = torch.optim.Adam(list(layer.parameters()), lr=params.lr, weight_decay=params.weight_decay)
+        self.losses: list[float] = []
+        self.accuracies: list[float] = []
+
+    def start(self) -> None:
+        for p in self.layer.parameters():
+            p.requires_grad_(True)
+        self.stitched.train()  # T only; both halves stay in eval mode
+
+    def new_epoch(self) -> None:
+        import torch
+
+        device = self.problem.device
+        self.total = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.count = 0
+
+    def step(self, h: torch.Tensor, y: torch.Tensor) -> None:
+        import torch.nn.functional as F
+
+        logits = self.stitched.forward_from_source(h)
+        loss = F.cross_entropy(logits, y)
+        self.optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimiser.step()
+        self.total += loss.detach().double() * y.shape[0]
+        self.correct += (logits.detach().argmax(1) == y).sum()
+        self.count += y.shape[0]
+
+    def end_epoch(self, epoch: int, params: TaskLossMatching.Params) -> None:
+        from stitchbench.errors import DivergenceError
+
+        mean_loss = float(self.total) / max(self.count, 1)  # a non-finite step makes the sum non-finite
+        p = self.problem
+        if not math.isfinite(mean_loss):
+            raise DivergenceError(
+                f"tlm diverged: non-finite training loss in epoch {epoch + 1}/{params.epochs} "
+                f"stitching {type(p.source).__name__} {p.source_layer} -> "
+                f"{type(p.target).__name__} {p.target_layer} (lr={params.lr:g}); try a smaller lr"
+            )
+        self.losses.append(mean_loss)
+        self.accuracies.append(float(self.correct) / max(self.count, 1))
+        log.debug(
+            "tlm %s -> %s epoch %d/%d: loss %.5f, accuracy %.4f",
+            p.source_layer,
+            p.target_layer,
+            epoch + 1,
             params.epochs,
-            f"{losses[-1]:.5f}" if losses else "n/a",
-            dm_info["residual"],
+            mean_loss,
+            self.accuracies[-1],
         )
-        return layer
+
+    def finish(self) -> None:
+        self.optimiser.zero_grad(set_to_none=True)
+        self.layer.train(False)
+
+
+def _distinct(modules: list[Any]) -> list[Any]:
+    seen: dict[int, Any] = {}
+    for m in modules:
+        seen.setdefault(id(m), m)
+    return list(seen.values())
 
 
 def _source_batches(problem: StitchingProblem, batch_size: int, augment: bool, generator: torch.Generator):
