@@ -53,6 +53,7 @@ _LAZY = {
     "StitchingProblem": "stitchbench.stitching",
     "RunContext": "stitchbench.context",
     "MatrixRecord": "stitchbench.context",
+    "NetworkInput": "stitchbench.worker",
 }
 
 __all__ = [
@@ -69,6 +70,7 @@ __all__ = [
     "LoadedDataset",
     "Matcher",
     "MatrixRecord",
+    "NetworkInput",
     "Params",
     "PlanSummary",
     "Plugin",

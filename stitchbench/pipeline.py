@@ -94,10 +94,12 @@ def execute(plan: Plan, plugins: PluginSet, workspace: Path, *, client: Any = No
                 network_accuracy={k: v.test_accuracy for k, v in nets.items()}, layers=plan.layers,
                 matrices=records, device=device, workspace=workspace, cache=state.cache, plugins=plugins,
                 run_id=parent.info.run_id, network_keys={n.model_name: n.key for n in plan.networks},
+                architecture=plan.architecture, executor=executor, data_key=plan.dataset_key,
             )
             for ev in plan.evaluations:
-                # Evaluations run here, in the driver, whatever the executor. The seed makes one
-                # that draws from torch's global generator independent of what ran here before.
+                # Evaluations run here, in the driver (their tasks go to the executor through the
+                # context). The seed makes one that draws from torch's global generator
+                # independent of what ran here before.
                 torch.manual_seed(cfg.seed)
                 result = _evaluate(ev, context)
                 if result.metrics:

@@ -37,6 +37,36 @@ class NetworkResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+@dataclass
+class NetworkInput:
+    """A base network as an evaluation's task takes it (`RunContext.network_input`): the
+    architecture that builds it and its `NetworkResult`. In a task, ``network(data,
+    device)`` returns the network (built once per process, in eval mode) and
+    ``activations(data, split)`` every stitchable layer's activations of a split (extracted
+    once per process and shared with the other jobs there)."""
+
+    architecture: Any
+    result: NetworkResult
+
+    @property
+    def model_name(self) -> str:
+        return self.result.model_name
+
+    @property
+    def key(self) -> str:
+        return self.result.key
+
+    def network(self, data: Any, device: Any = "cpu") -> StitchableNetwork:
+        return state().network(self.architecture, self.result, data, torch.device(device))
+
+    def activations(self, data: Any, split: str = "test", n: int | None = None, device: Any = "cpu",
+                    seed: int = 0) -> dict[str, torch.Tensor]:
+        """Per-layer activations of the first ``n`` examples of ``split`` of ``data`` (the
+        run's data set; ``train_sample`` is the training split in the order fixed by
+        ``seed``)."""
+        return state().cache.all_layers(self.network(data, device), split, n, data, seed)
+
+
 class WorkerState:
     """Networks by key, one activation cache, per-index scratch (see the module docstring)."""
 

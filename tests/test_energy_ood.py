@@ -22,6 +22,8 @@ from stitchbench_plugins.evaluations._ood_detectors import (
 )
 from stitchbench_plugins.evaluations._ood_metrics import energy, ood_scores
 
+from stitchbench.executors import LocalExecutor
+
 from .conftest import cli
 
 # -- energy and metrics -------------------------------------------------------------------------
@@ -234,6 +236,17 @@ def test_auroc_matrices_metrics_figures_and_report(twice):
     assert "dm" in text.stdout and "6 (0 trained, 6 reused)" in text.stdout
 
 
+class Recording(LocalExecutor):
+    """The local executor, noting the label of every task submitted to it."""
+
+    def __init__(self):
+        self.labels = []
+
+    def submit(self, fn, *args, label, resources=None):
+        self.labels.append(label)
+        return super().submit(fn, *args, label=label, resources=resources)
+
+
 def test_stitched_activations_go_through_the_stitching_layer(workspace):
     """In process: an identity stitcher gives AUROC 0.5 on the diagonal (the detector sees
     exactly the target activations); a stitcher that adds a large offset to every channel
@@ -271,12 +284,15 @@ def test_stitched_activations_go_through_the_stitching_layer(workspace):
         data=data, networks={"n": net}, network_accuracy={"n": 0.1}, layers=layers,
         matrices=[record("ident", states(1.0, 0.0)), record("offset", states(1.0, 25.0))],
         device=torch.device("cpu"), workspace=workspace, cache=ActivationCache(), plugins=load_plugins(),
+        executor=Recording(),
     )
     params = stitchbench.get_plugin("energy_ood").Params.model_validate(
         {**OOD_PARAMS, "auxiliary": {"name": "noise", "params": {"n_train": 300, "n_test": 100}}})
     exp = tracking.experiment_id(mlflow.MlflowClient(), "inproc", workspace)
     with mlflow.start_run(experiment_id=exp):
         res = stitchbench.get_plugin("energy_ood").run(ctx, params)
+    # The detectors were trained as tasks of the run's executor, one per (network, layer).
+    assert ctx.executor.labels == [f"OOD detector n-{layer}" for layer in layers]
     mats = {m: res.report["matrices"][m]["intra"][0]["auroc"] for m in ("ident", "offset")}
     assert np.allclose(np.diag(mats["ident"]), 0.5)
     off = np.asarray(mats["offset"])

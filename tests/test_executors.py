@@ -175,6 +175,15 @@ stitching:
   params:
     dm: {k: 40}
 indices: {n_examples: 120}
+evaluations:
+  params:
+    energy_ood:
+      auxiliary: {name: noise, params: {n_train: 200, n_test: 100}}
+      pretrain: {epochs: 1, batch_size: 128, lr: 0.003}
+      finetune: {epochs: 1, batch_size: 128, lr: 0.03}
+      resnet: {width: 4, stages: 1, blocks: 1, upsample_to: null}
+      heatmaps: false
+    ding_specificity: {n_permutations: 50, probe: {epochs: 1}, measures: [lcka, dm_func]}
 executor: {num_cpus: 2}
 """
 
@@ -183,6 +192,8 @@ executor: {num_cpus: 2}
 PLUGIN = MEAN_NORM_PLUGIN
 
 MEASURES = ("--plugin", "dm", "--plugin", "lcka", "--plugin", "mean_norm")
+# The evaluations' own tasks (OOD detectors, probes) go to the executor too.
+EVALUATIONS = ("--plugin", "energy_ood", "--plugin", "ding_specificity")
 # One torch thread in the local run, as in each 1-CPU Ray task: CPU kernels then reduce in
 # the same order, so both executors give the same bits.
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -217,15 +228,37 @@ def _matrices(ws, parent_id):
     return out
 
 
-def _layer_identification(ws, stdout):
-    """The run's id and its layer-identification table (report.json of the evaluation)."""
-    run_id = stdout.split("run ", 1)[1].split()[0]
+def _report(ws, run_id, evaluation):
+    """The report data (report.json) of one evaluation of a run."""
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlruns' / 'mlflow.db'}")
     exp = client.get_run(run_id).info.experiment_id
     (ev,) = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{run_id}' and "
-                               "tags.`stitchbench.plugin` = 'layer_identification'")
+                               f"tags.`stitchbench.plugin` = '{evaluation}'")
     mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlruns' / 'mlflow.db'}")
-    return run_id, json.loads(mlflow.artifacts.load_text(f"runs:/{ev.info.run_id}/report.json"))["data"]
+    return json.loads(mlflow.artifacts.load_text(f"runs:/{ev.info.run_id}/report.json"))["data"]
+
+
+def _layer_identification(ws, stdout):
+    """The run's id and its layer-identification table (report.json of the evaluation)."""
+    run_id = stdout.split("run ", 1)[1].split()[0]
+    return run_id, _report(ws, run_id, "layer_identification")
+
+
+def _assert_close(got, want, where="report"):
+    """Equal structure and text, numbers to float tolerance; timings are skipped."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), where
+        for k in want:
+            if "seconds" not in str(k):
+                _assert_close(got[k], want[k], f"{where}.{k}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for n, (a, b) in enumerate(zip(got, want)):
+            _assert_close(a, b, f"{where}[{n}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-9, nan_ok=True), where
+    else:
+        assert got == want, where
 
 
 def test_ray_gives_the_same_results_as_local(tmp_path, monkeypatch):
@@ -233,19 +266,26 @@ def test_ray_gives_the_same_results_as_local(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     started = time.time()
     local_ws = _workspace(tmp_path, "local")
-    local_id, local = _layer_identification(local_ws, _run(local_ws, *MEASURES).stdout)
+    local_id, local = _layer_identification(local_ws, _run(local_ws, *MEASURES, *EVALUATIONS).stdout)
 
     ray_ws = _workspace(tmp_path, "ray")
     ray_started = time.time()
-    p = _run(ray_ws, *MEASURES, "--executor", "ray")
+    p = _run(ray_ws, *MEASURES, *EVALUATIONS, "--executor", "ray")
     ray_seconds = time.time() - ray_started
-    assert "networks trained 2, reused 0" in p.stdout and "matrix jobs computed 9, reused 0" in p.stdout
+    assert "networks trained 2, reused 0" in p.stdout and "matrix jobs computed 18, reused 0" in p.stdout, p.stdout
     ray_id, ray = _layer_identification(ray_ws, p.stdout)
 
     assert ray == local
-    assert set(ray["intra"]) == {"dm_func", "lcka", "mean_norm"}
+    assert set(ray["intra"]) == {"dm_func", "lcka", "mean_norm", "pwcca", "opd", "dm_struct"}
+    # The detectors and probes trained as Ray tasks: the same OOD scores and Ding statistics.
+    ood = {ws.name: _report(ws, run_id, "energy_ood") for ws, run_id in ((local_ws, local_id), (ray_ws, ray_id))}
+    assert len(ood["ray"]["detectors"]) == len(ood["local"]["detectors"]) == 6
+    assert not any(d["reused"] for d in ood["ray"]["detectors"])
+    _assert_close(ood["ray"], ood["local"])
+    ding = {ws.name: _report(ws, run_id, "ding_specificity") for ws, run_id in ((local_ws, local_id), (ray_ws, ray_id))}
+    _assert_close(ding["ray"], ding["local"])
     got, want = _matrices(ray_ws, ray_id), _matrices(local_ws, local_id)
-    assert set(got) == set(want) and len(got) == 9
+    assert set(got) == set(want) and len(got) == 18  # ding_specificity brings every index
     for key in want:
         np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-9, err_msg=str(key))
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{ray_ws / 'mlruns' / 'mlflow.db'}")
@@ -257,5 +297,7 @@ def test_ray_gives_the_same_results_as_local(tmp_path, monkeypatch):
     assert kids and all(k.info.status == "FINISHED" for k in kids)
     nets = [k for k in kids if k.data.tags["stitchbench.kind"] == "network"]
     assert len(nets) == 2 and all(len(client.get_metric_history(n.info.run_id, "loss")) == 2 for n in nets)
-    assert {m.name for m in client.search_registered_models()} == {"digits-resnet18-w4-seed0", "digits-resnet18-w4-seed1"}
+    nets = {"digits-resnet18-w4-seed0", "digits-resnet18-w4-seed1"}
+    detectors = {f"{n}-{layer}-energy-detector" for n in nets for layer in ("layer1.0", "layer2.1", "layer4.1")}
+    assert {m.name for m in client.search_registered_models()} == nets | detectors
     print(f"local and ray runs: {time.time() - started:.0f} s, of which the ray run {ray_seconds:.0f} s")

@@ -338,7 +338,7 @@ def probe_scores(context: RunContext, reps: Sequence[Rep], params: ProbeParams, 
         if k not in _PROBES:
             todo.setdefault((r.network, r.layer), {}).setdefault(k, r)
     if todo:
-        from ._probing import ProbeGroup, train_probes
+        from ._probing import ProbeGroup, probe_task
 
         groups = []
         labels = None
@@ -348,11 +348,22 @@ def probe_scores(context: RunContext, reps: Sequence[Rep], params: ProbeParams, 
             groups.append(ProbeGroup(feats.pooled["train"][layer], feats.pooled["test"][layer],
                                      [r.projection for r in items.values()],
                                      [int(k[:8], 16) for k in items]))
-        accs = train_probes(groups, labels["train"], labels["test"], params, context.data.num_classes,
-                            order_seed=context.config.seed, device=context.device)
-        for items, group_accs in zip(todo.values(), accs):
-            for k, a in zip(items, group_accs):
-                _PROBES[k] = a
+        # Tasks of the run's executor: here, all probes as one batched model; elsewhere (Ray),
+        # one task per network. A probe's accuracy does not depend on its company.
+        chunks: dict[str, list[int]] = {}
+        for n, (network, _) in enumerate(todo):
+            chunks.setdefault("all" if context.tasks_in_process else network, []).append(n)
+        futures = {
+            context.submit(probe_task, [groups[n] for n in members], labels["train"], labels["test"], params,
+                           context.data.num_classes, context.config.seed, str(context.device),
+                           label=f"ding probes ({name}: {sum(len(groups[n].seeds) for n in members)})"): members
+            for name, members in chunks.items()
+        }
+        items_of = list(todo.values())
+        for fut in context.as_completed(list(futures)):
+            for n, group_accs in zip(futures[fut], fut.result()):
+                for k, a in zip(items_of[n], group_accs):
+                    _PROBES[k] = a
     records = {k: {"accuracy": _PROBES[k], "network": r.network, "layer": r.layer, "rank": r.rank}
                for k, r in zip(keys, reps)}
     return [_PROBES[k] for k in keys], records, reused

@@ -137,6 +137,12 @@ def train_probes(groups: Sequence[ProbeGroup], train_y: Any, test_y: Any, params
     return out
 
 
+def probe_task(groups: Sequence[ProbeGroup], train_y: Any, test_y: Any, params: ProbeParams, num_classes: int,
+               order_seed: int, device: str) -> list[list[float]]:
+    """`train_probes` as a task of the run's executor (positional arguments only)."""
+    return train_probes(groups, train_y, test_y, params, num_classes, order_seed=order_seed, device=device)
+
+
 def _fit(params: ProbeParams, weight: Any, bias: Any, n: int, order_gen: Any, inputs: Any,
          train_y: Any, n_probes: int, num_classes: int, device: Any) -> None:
     import torch

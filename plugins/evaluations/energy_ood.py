@@ -223,7 +223,7 @@ class _Analysis:
         self.seed = int(getattr(context.config, "seed", 0))
         self._aux = None
         self._aux_resolved: dict[str, Any] | None = None
-        self._aux_cache: dict[tuple[str, str], dict[str, Any]] = {}
+        self._sources: dict[str, _Sources] = {}
 
     # -- the auxiliary set ----------------------------------------------------------------
     def aux_params(self) -> dict[str, Any]:
@@ -259,47 +259,19 @@ class _Analysis:
 
     # -- activations -----------------------------------------------------------------------
     def _fits(self, n: int) -> bool:
-        per_example = sum(math.prod(s) for s in self.shapes.values()) * 4
-        return n * per_example <= self.p.memory_limit_mb * (1 << 20)
+        return fits_in_memory(self.shapes, n, self.p.memory_limit_mb)
+
+    def sources(self, net_name: str) -> _Sources:
+        found = self._sources.get(net_name)
+        if found is None:
+            found = self._sources[net_name] = _Sources(
+                self.p, self.shapes, self.device, self.ctx.networks[net_name], self.ctx.data, self.aux,
+                lambda split, n: self.ctx.activations(net_name, split, n),
+            )
+        return found
 
     def layer_batches(self, net_name: str, layer: str, which: str) -> Any:
-        """`LayerBatches` of ``which``: ``train`` / ``test`` (the ID set) or ``aux_train`` /
-        ``aux_test``, from memory when the split's activations fit, else streamed."""
-        from stitchbench.activations import extract
-
-        from ._ood_detectors import LayerBatches, split_labels
-
-        net = self.ctx.networks[net_name]
-        if which.startswith("aux_"):
-            data, split_name = self.aux(), which[4:]
-        else:
-            data, split_name = self.ctx.data, which
-        split = getattr(data, split_name)
-        n = len(split)
-        if which == "test" and self.p.n_examples is not None:
-            n = min(n, self.p.n_examples)
-        labels = split_labels(split)[:n]
-        augment = data.augment if (which == "train" and self.p.pretrain.augment) else None
-        if augment is None and self._fits(n):
-            if which.startswith("aux_"):
-                cache = self._aux_cache.get((net_name, which))
-                if cache is None:
-                    cache = extract(net, data=data, split=split_name, device=next(net.parameters()).device)
-                    self._aux_cache[(net_name, which)] = cache
-                acts = cache[layer]
-            else:
-                acts = self.ctx.activations(net_name, which, None if which == "train" else self.p.n_examples)[layer]
-            return LayerBatches(layer, labels, self.device, acts=acts)
-        if which == "test" and n < len(split):
-            import torch
-
-            from stitchbench.data import TensorSplit
-
-            if isinstance(split, TensorSplit):
-                split = TensorSplit(split.images[:n], split.labels[:n])
-            else:
-                split = torch.utils.data.Subset(split, range(n))
-        return LayerBatches(layer, labels, self.device, net=net, split=split, augment=augment)
+        return self.sources(net_name).batches(layer, which)
 
     # -- detectors ---------------------------------------------------------------------------
     def settings(self, layer: str) -> dict[str, Any]:
@@ -327,22 +299,36 @@ class _Analysis:
         )
         return det.to(self.device)
 
-    def ensure_detector(self, net_name: str, layer: str, client: Any) -> Detector:
+    def detector_key(self, net_name: str, layer: str) -> tuple[str, str, dict[str, Any]]:
         from stitchbench.keys import job_key
 
         settings = self.settings(layer)
         key = job_key("energy_detector", network=self.net_keys[net_name], **settings)
-        model_name = f"{net_name}-{layer}-energy-detector"
-        det = self.build(layer)
+        return f"{net_name}-{layer}-energy-detector", key, settings
+
+    def reuse_detector(self, net_name: str, layer: str, client: Any) -> Detector | None:
+        model_name, key, _ = self.detector_key(net_name, layer)
         found = find_detector(client, model_name, key)
-        if found is not None:
-            det.load_state_dict(load_detector_state(found.run_id))
-            det.eval()
-            log.info("reusing OOD detector %s version %s (key %s)", model_name, found.version, key)
-            d = Detector(net_name, layer, model_name, key, det, str(found.version), found.run_id, reused=True)
-            self.score_detector(d)
-            return d
-        return self.train_detector(net_name, layer, model_name, key, det, settings)
+        if found is None:
+            return None
+        det = self.build(layer)
+        det.load_state_dict(load_detector_state(found.run_id))
+        det.eval()
+        log.info("reusing OOD detector %s version %s (key %s)", model_name, found.version, key)
+        d = Detector(net_name, layer, model_name, key, det, str(found.version), found.run_id, reused=True)
+        self.score_detector(d)
+        return d
+
+    def submit_detector(self, net_name: str, layer: str) -> Any:
+        """A task of the run's executor that trains the detector of (network, layer)."""
+        task = DetectorTask(
+            network=net_name, layer=layer, params=self.p.model_dump(mode="json"), seed=self.seed,
+            device=str(self.device), num_classes=int(self.ctx.data.num_classes),
+            shapes={k: list(v) for k, v in self.shapes.items()},
+        )
+        aux = self.ctx.share(f"energy_ood-aux:{_hash(self.aux_params())}", self.aux())
+        return self.ctx.submit(train_detector_task, task, self.ctx.network_input(net_name), self.ctx.data_input(), aux,
+                               label=f"OOD detector {net_name}-{layer}")
 
     def score_detector(self, d: Detector) -> None:
         """ID test energies, held-out auxiliary energies and the sanity scores of ``d``."""
@@ -363,38 +349,23 @@ class _Analysis:
                 d.model_name, d.sanity["auroc"], self.p.min_sanity_auroc,
             )
 
-    def train_detector(
-        self, net_name: str, layer: str, model_name: str, key: str, det: Any, settings: dict[str, Any]
-    ) -> Detector:
+    def log_detector(self, net_name: str, layer: str, trained: dict[str, Any]) -> Detector:
+        """The detector a task trained, in its nested run: params, training curves, sanity
+        scores, weights; registered under its key."""
         import mlflow
         from mlflow.entities import Metric
 
         from stitchbench import tracking
         from stitchbench.runs import child_run
 
-        from ._ood_detectors import finetune, pretrain
-
-        p = self.p
+        model_name, key, settings = self.detector_key(net_name, layer)
+        det = self.build(layer)
+        det.load_state_dict(trained["state"])
+        det.eval()
+        h1, h2 = trained["pretrain"], trained["finetune"]
         tags = {tracking.TAG_KIND: "ood_detector", tracking.TAG_KEY: key, tracking.TAG_PLUGIN: "energy_ood"}
         with child_run(f"ood detector {model_name}", tags) as run:
             mlflow.log_params({k: str(v)[:6000] for k, v in _flat(settings).items()} | {"network": net_name})
-            g = self.torch.Generator().manual_seed(self.seed)
-            train = self.layer_batches(net_name, layer, "train")
-            aux = self.layer_batches(net_name, layer, "aux_train")
-            what = f"OOD detector {model_name}"
-            h1 = pretrain(
-                det, train, epochs=p.pretrain.epochs, batch_size=p.pretrain.batch_size, lr=p.pretrain.lr,
-                weight_decay=p.pretrain.weight_decay, optimizer=p.pretrain.optimizer, generator=g,
-                what=f"{what}: pre-training",
-            )
-            h2 = finetune(
-                det, train, aux, epochs=p.finetune.epochs,
-                batch_size=p.finetune.batch_size or p.pretrain.batch_size, aux_batch_size=p.finetune.aux_batch_size,
-                lr=p.finetune.lr, weight_decay=p.finetune.weight_decay, momentum=p.finetune.momentum,
-                optimizer=p.finetune.optimizer, m_in=p.finetune.m_in, m_out=p.finetune.m_out,
-                weight=p.finetune.weight, freeze_batchnorm=p.finetune.freeze_batchnorm, generator=g,
-                what=f"{what}: fine-tuning",
-            )
             d = Detector(net_name, layer, model_name, key, det, "", run.info.run_id, reused=False)
             self.score_detector(d)
             now = int(time.time() * 1000)
@@ -477,9 +448,21 @@ class _Analysis:
                 if (rec.target, layer) not in wanted:
                     wanted.append((rec.target, layer))
         with progress_bar(total=len(wanted), desc="energy_ood detectors", unit="detector") as bar:
+            # Reused detectors are loaded here; the others are trained as tasks of the run's
+            # executor (in parallel on Ray) and logged here as they finish.
+            training: dict[Any, tuple[str, str]] = {}
             for net_name, layer in wanted:
-                self.detectors[(net_name, layer)] = self.ensure_detector(net_name, layer, client)
+                d = self.reuse_detector(net_name, layer, client)
+                if d is None:
+                    training[self.submit_detector(net_name, layer)] = (net_name, layer)
+                else:
+                    self.detectors[(net_name, layer)] = d
+                    bar.update(1)
+            for fut in self.ctx.as_completed(list(training)):
+                net_name, layer = training[fut]
+                self.detectors[(net_name, layer)] = self.log_detector(net_name, layer, fut.result())
                 bar.update(1)
+        self.detectors = {k: self.detectors[k] for k in wanted}
         t_detectors = time.perf_counter() - t0
 
         results = []
@@ -624,6 +607,118 @@ class _Analysis:
 
 
 # -- registry ------------------------------------------------------------------------------------
+
+
+# -- training a detector, as a task ----------------------------------------------------------
+
+
+@dataclass
+class DetectorTask:
+    """One detector to train, as plain data (a task of the run's executor)."""
+
+    network: str
+    layer: str
+    params: dict[str, Any]  # EnergyOODParams, dumped
+    seed: int
+    device: str
+    num_classes: int
+    shapes: dict[str, list[int]]
+
+
+def train_detector_task(task: DetectorTask, net_input: Any, data: Any, aux: Any) -> dict[str, Any]:
+    """Pre-train and fine-tune the detector of ``task`` (anywhere: the driver or a Ray
+    worker): its CPU state dict and the two phases' per-epoch metrics. Writes nothing."""
+    import torch
+
+    from ._ood_detectors import build_detector, finetune, pretrain
+
+    p = EnergyOODParams.model_validate(task.params)
+    device = torch.device(task.device)
+    net = net_input.network(data, device)
+    shapes = {k: tuple(v) for k, v in task.shapes.items()}
+    torch.manual_seed(task.seed)
+    det = build_detector(shapes[task.layer], task.num_classes, p.resnet.model_dump(), p.vit.model_dump()).to(device)
+    sources = _Sources(p, shapes, device, net, data, lambda: aux,
+                       lambda split, n: net_input.activations(data, split, n, device))
+    train = sources.batches(task.layer, "train")
+    aux_train = sources.batches(task.layer, "aux_train")
+    g = torch.Generator().manual_seed(task.seed)
+    what = f"OOD detector {task.network}-{task.layer}-energy-detector"
+    h1 = pretrain(
+        det, train, epochs=p.pretrain.epochs, batch_size=p.pretrain.batch_size, lr=p.pretrain.lr,
+        weight_decay=p.pretrain.weight_decay, optimizer=p.pretrain.optimizer, generator=g,
+        what=f"{what}: pre-training",
+    )
+    h2 = finetune(
+        det, train, aux_train, epochs=p.finetune.epochs,
+        batch_size=p.finetune.batch_size or p.pretrain.batch_size, aux_batch_size=p.finetune.aux_batch_size,
+        lr=p.finetune.lr, weight_decay=p.finetune.weight_decay, momentum=p.finetune.momentum,
+        optimizer=p.finetune.optimizer, m_in=p.finetune.m_in, m_out=p.finetune.m_out,
+        weight=p.finetune.weight, freeze_batchnorm=p.finetune.freeze_batchnorm, generator=g,
+        what=f"{what}: fine-tuning",
+    )
+    return {"state": {k: v.detach().cpu() for k, v in det.state_dict().items()}, "pretrain": h1, "finetune": h2}
+
+
+def fits_in_memory(shapes: dict[str, Any], n: int, limit_mb: float) -> bool:
+    per_example = sum(math.prod(s) for s in shapes.values()) * 4
+    return n * per_example <= limit_mb * (1 << 20)
+
+
+class _Sources:
+    """One network's layer activations for the detectors: of the ID set (``train`` /
+    ``test``) or of the auxiliary set (``aux_train`` / ``aux_test``), from memory when the
+    split's activations fit (``id_acts(split, n)`` gives the ID set's, shared with the
+    run), else streamed through the network."""
+
+    def __init__(self, p: EnergyOODParams, shapes: dict[str, Any], device: Any, net: Any, data: Any,
+                 aux: Any, id_acts: Any):
+        self.p, self.shapes, self.device, self.net, self.data = p, shapes, device, net, data
+        self.aux = aux  # a callable: the auxiliary set is loaded only when needed
+        self.id_acts = id_acts
+        self._aux_acts: dict[str, dict[str, Any]] = {}
+
+    def batches(self, layer: str, which: str) -> Any:
+        """`LayerBatches` of ``which`` for ``layer``."""
+        from stitchbench.activations import extract
+
+        from ._ood_detectors import LayerBatches, split_labels
+
+        if which.startswith("aux_"):
+            data, split_name = self.aux(), which[4:]
+        else:
+            data, split_name = self.data, which
+        split = getattr(data, split_name)
+        n = len(split)
+        if which == "test" and self.p.n_examples is not None:
+            n = min(n, self.p.n_examples)
+        labels = split_labels(split)[:n]
+        augment = data.augment if (which == "train" and self.p.pretrain.augment) else None
+        if augment is None and fits_in_memory(self.shapes, n, self.p.memory_limit_mb):
+            if which.startswith("aux_"):
+                if which not in self._aux_acts:
+                    self._aux_acts[which] = extract(self.net, data=data, split=split_name,
+                                                    device=next(self.net.parameters()).device)
+                acts = self._aux_acts[which]
+            else:
+                acts = self.id_acts(which, None if which == "train" else self.p.n_examples)
+            return LayerBatches(layer, labels, self.device, acts=acts[layer])
+        if which == "test" and n < len(split):
+            import torch
+
+            from stitchbench.data import TensorSplit
+
+            if isinstance(split, TensorSplit):
+                split = TensorSplit(split.images[:n], split.labels[:n])
+            else:
+                split = torch.utils.data.Subset(split, range(n))
+        return LayerBatches(layer, labels, self.device, net=self.net, split=split, augment=augment)
+
+
+def _hash(obj: Any) -> str:
+    from stitchbench.keys import job_key
+
+    return job_key("value", value=obj)
 
 
 def find_detector(client: Any, model_name: str, key: str) -> Any | None:
