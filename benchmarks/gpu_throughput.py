@@ -63,7 +63,8 @@ def _rate(step: Any, batch: int, device: Any, seconds: float) -> float:
     return n * batch / (time.perf_counter() - start)
 
 
-def measure(arch: str, device: Any, batch: int, seconds: float, pairs: int) -> dict[str, Any]:
+def measure(arch: str, device: Any, batch: int, seconds: float, pairs: int, precision: str = "float32",
+            channels_last: bool = False) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
@@ -74,13 +75,22 @@ def measure(arch: str, device: Any, batch: int, seconds: float, pairs: int) -> d
     torch.manual_seed(0)
     net = plugin.build(plugin.Params.model_validate(ARCHS[arch]), 10, (3, 32, 32)).to(device)
     x = torch.rand(batch, 3, 32, 32, device=device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    dtype = getattr(torch, precision)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=precision != "float32")
     y = torch.randint(0, 10, (batch,), device=device)
 
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
 
     def train_step() -> None:
         net.train()
-        loss = F.cross_entropy(net(x), y)
+        with autocast():
+            logits = net(x)
+        loss = F.cross_entropy(logits.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -90,7 +100,8 @@ def measure(arch: str, device: Any, batch: int, seconds: float, pairs: int) -> d
 
     @torch.no_grad()
     def forward_step() -> None:
-        net(x)
+        with autocast():
+            net(x)
 
     forward = _rate(forward_step, batch, device, seconds)
 
@@ -111,7 +122,9 @@ def measure(arch: str, device: Any, batch: int, seconds: float, pairs: int) -> d
         def tlm_step(stitched=stitched, t_opt=t_opt, layer=layers[i]) -> None:
             with torch.no_grad():
                 h = net.front(x, layer)
-            loss = F.cross_entropy(stitched.forward_from_source(h), y)
+            with autocast():  # as `tlm`: the receiver under autocast, T and the loss in float32
+                logits = stitched.forward_from_source(h)
+            loss = F.cross_entropy(logits.float(), y)
             t_opt.zero_grad(set_to_none=True)
             loss.backward()
             t_opt.step()
@@ -160,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=3.0, help="timing window per measurement")
     ap.add_argument("--pairs", type=int, default=6, help="layer pairs timed for TLM")
     ap.add_argument("--arch", action="append", choices=sorted(ARCHS), help="default: both")
+    ap.add_argument("--precision", choices=["float32", "bfloat16", "float16"], default="float32",
+                    help="autocast dtype of the forward passes (tlm's `precision` param)")
+    ap.add_argument("--channels-last", action="store_true", help="channels-last networks and inputs")
     ap.add_argument("--write", help="save the throughputs as JSON for `stitchbench run --dry-run --throughput`")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -168,9 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    results = {a: measure(a, device, args.batch, args.seconds, args.pairs) for a in (args.arch or list(ARCHS))}
+    results = {a: measure(a, device, args.batch, args.seconds, args.pairs, args.precision, args.channels_last)
+               for a in (args.arch or list(ARCHS))}
     proj = table1_hours(results)
-    print(f"device: {name}; torch {torch.__version__}; batch {args.batch}; float32")
+    layout = ", channels-last" if args.channels_last else ""
+    print(f"device: {name}; torch {torch.__version__}; batch {args.batch}; {args.precision}{layout}")
     print(f"{'architecture':12} {'train img/s':>12} {'forward img/s':>14} {'TLM img/s':>10} "
           f"{'TLM stitcher-epochs/s':>22} {'Table 1 GPU-h':>14}")
     for a, r in results.items():
@@ -179,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Table 1 (ResNet-18 + ViT-Ti, intra + inter, DM + TLM, {proj['total']['stitchers']} stitchers, "
           f"{TLM_EPOCHS} TLM epochs of {EPOCH_IMAGES} images): {proj['total']['hours']:.1f} GPU-hours")
     if args.write:
-        doc = {"device": name, "torch": torch.__version__, "batch": args.batch, "dtype": "float32",
+        doc = {"device": name, "torch": torch.__version__, "batch": args.batch, "dtype": args.precision,
+               "channels_last": args.channels_last,
                "date": time.strftime("%Y-%m-%d"), "architectures": results, "table1": proj}
         with open(args.write, "w") as f:
             json.dump(doc, f, indent=2)

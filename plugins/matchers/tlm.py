@@ -13,11 +13,12 @@ Torch is imported inside the methods: ``stitchbench plugins list`` imports this 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
@@ -54,6 +55,14 @@ class TaskLossMatching(Matcher):
             "epoch; only when no augmentation is applied (augmented images differ every epoch)",
         )
         cache_limit_mb: float = Field(2048, ge=0, description="largest source-activation cache, in MiB")
+        precision: Literal["float32", "bfloat16", "float16"] = Field(
+            "float32",
+            description="dtype of the receiver's forward pass under torch.autocast (T and its Adam state stay "
+            "float32; float16 adds loss scaling and needs CUDA); see docs/matchers.md for the tolerances",
+        )
+        channels_last: bool = Field(
+            False, description="run the conv receiver and the source activations in channels-last memory format"
+        )
 
     def estimate_cost(self, params: Any, info: DatasetInfo) -> Cost:
         """``epochs`` passes over the training split (front half forward, back half
@@ -93,6 +102,8 @@ class TaskLossMatching(Matcher):
         from stitchbench.stitching import frozen
 
         first = problems[0]
+        if params.precision == "float16" and torch.device(first.device).type != "cuda":
+            raise ValueError("tlm precision float16 needs a CUDA device; use bfloat16 or float32 on the CPU")
         augmenting = params.augment and first.data.augment is not None
         n_train = len(first.data.train)
         cache_bytes = 4 * n_train * math.prod(first.source_shape)
@@ -105,7 +116,8 @@ class TaskLossMatching(Matcher):
         generator = torch.Generator().manual_seed(first.seed)
         seconds: list[float] = []
         try:
-            with frozen(*_distinct([first.source, *(p.target for p in problems)])):
+            nets = _distinct([first.source, *(p.target for p in problems)])
+            with frozen(*nets), _memory_format(nets, params.channels_last):
                 for cell in cells:
                     cell.start()
                 started = time.perf_counter()
@@ -121,6 +133,8 @@ class TaskLossMatching(Matcher):
                     for cell in cells:
                         cell.new_epoch()
                     for h, y in batches:
+                        if params.channels_last and h.ndim == 4:
+                            h = h.contiguous(memory_format=torch.channels_last)
                         for cell in cells:
                             cell.step(h, y)
                     for cell in cells:  # one synchronisation per cell and epoch
@@ -146,6 +160,8 @@ class TaskLossMatching(Matcher):
                 "seconds_per_epoch": seconds,
                 "trained_together": len(cells),
                 "augment": augmenting,
+                "precision": params.precision,
+                "channels_last": params.channels_last,
                 "source_cached": bool(use_cache and params.epochs),
                 "cache_seconds": cache_seconds if use_cache and params.epochs else 0.0,
             }
@@ -172,6 +188,11 @@ class _Cell:
         self.dm_info = dict(layer.fit_info)
         self.stitched = problem.stitched(layer)  # puts both networks in eval mode
         self.optimiser = torch.optim.Adam(list(layer.parameters()), lr=params.lr, weight_decay=params.weight_decay)
+        self.device_type = torch.device(problem.device).type
+        self.dtype = getattr(torch, params.precision)
+        self.autocast = params.precision != "float32"
+        # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
+        self.scaler = torch.amp.GradScaler("cuda") if params.precision == "float16" else None
         self.losses: list[float] = []
         self.accuracies: list[float] = []
 
@@ -189,13 +210,20 @@ class _Cell:
         self.count = 0
 
     def step(self, h: torch.Tensor, y: torch.Tensor) -> None:
+        import torch
         import torch.nn.functional as F
 
-        logits = self.stitched.forward_from_source(h)
-        loss = F.cross_entropy(logits, y)
+        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.autocast):
+            logits = self.stitched.forward_from_source(h)
+        loss = F.cross_entropy(logits.float(), y)
         self.optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimiser.step()
+        if self.scaler is None:
+            loss.backward()
+            self.optimiser.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimiser)
+            self.scaler.update()
         self.total += loss.detach().double() * y.shape[0]
         self.correct += (logits.detach().argmax(1) == y).sum()
         self.count += y.shape[0]
@@ -226,6 +254,24 @@ class _Cell:
     def finish(self) -> None:
         self.optimiser.zero_grad(set_to_none=True)
         self.layer.train(False)
+
+
+@contextlib.contextmanager
+def _memory_format(nets: list[Any], channels_last: bool):
+    """Within the block the networks' 4-d parameters and buffers are channels-last (when
+    asked); afterwards contiguous again. Values are untouched, only the layout changes."""
+    import torch
+
+    if not channels_last:
+        yield
+        return
+    try:
+        for net in nets:
+            net.to(memory_format=torch.channels_last)
+        yield
+    finally:
+        for net in nets:
+            net.to(memory_format=torch.contiguous_format)
 
 
 def _distinct(modules: list[Any]) -> list[Any]:
