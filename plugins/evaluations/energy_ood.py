@@ -290,14 +290,7 @@ class _Analysis:
         }
 
     def build(self, layer: str) -> Any:
-        from ._ood_detectors import build_detector
-
-        self.torch.manual_seed(self.seed)
-        det = build_detector(
-            tuple(self.shapes[layer]), self.ctx.data.num_classes,
-            self.p.resnet.model_dump(), self.p.vit.model_dump(),
-        )
-        return det.to(self.device)
+        return new_detector(self.p, tuple(self.shapes[layer]), self.ctx.data.num_classes, self.seed, self.device)
 
     def detector_key(self, net_name: str, layer: str) -> tuple[str, str, dict[str, Any]]:
         from stitchbench.keys import job_key
@@ -321,12 +314,14 @@ class _Analysis:
 
     def submit_detector(self, net_name: str, layer: str) -> Any:
         """A task of the run's executor that trains the detector of (network, layer)."""
+        from stitchbench.keys import job_key
+
         task = DetectorTask(
             network=net_name, layer=layer, params=self.p.model_dump(mode="json"), seed=self.seed,
             device=str(self.device), num_classes=int(self.ctx.data.num_classes),
             shapes={k: list(v) for k, v in self.shapes.items()},
         )
-        aux = self.ctx.share(f"energy_ood-aux:{_hash(self.aux_params())}", self.aux())
+        aux = self.ctx.share(job_key("energy_ood_aux", **self.aux_params()), self.aux())
         return self.ctx.submit(train_detector_task, task, self.ctx.network_input(net_name), self.ctx.data_input(), aux,
                                label=f"OOD detector {net_name}-{layer}")
 
@@ -630,14 +625,13 @@ def train_detector_task(task: DetectorTask, net_input: Any, data: Any, aux: Any)
     worker): its CPU state dict and the two phases' per-epoch metrics. Writes nothing."""
     import torch
 
-    from ._ood_detectors import build_detector, finetune, pretrain
+    from ._ood_detectors import finetune, pretrain
 
     p = EnergyOODParams.model_validate(task.params)
     device = torch.device(task.device)
     net = net_input.network(data, device)
     shapes = {k: tuple(v) for k, v in task.shapes.items()}
-    torch.manual_seed(task.seed)
-    det = build_detector(shapes[task.layer], task.num_classes, p.resnet.model_dump(), p.vit.model_dump()).to(device)
+    det = new_detector(p, shapes[task.layer], task.num_classes, task.seed, device)
     sources = _Sources(p, shapes, device, net, data, lambda: aux,
                        lambda split, n: net_input.activations(data, split, n, device))
     train = sources.batches(task.layer, "train")
@@ -658,6 +652,16 @@ def train_detector_task(task: DetectorTask, net_input: Any, data: Any, aux: Any)
         what=f"{what}: fine-tuning",
     )
     return {"state": {k: v.detach().cpu() for k, v in det.state_dict().items()}, "pretrain": h1, "finetune": h2}
+
+
+def new_detector(p: EnergyOODParams, shape: tuple[int, ...], num_classes: int, seed: int, device: Any) -> Any:
+    """A freshly initialised detector for activations of ``shape`` (seeded), on ``device``."""
+    import torch
+
+    from ._ood_detectors import build_detector
+
+    torch.manual_seed(seed)
+    return build_detector(shape, num_classes, p.resnet.model_dump(), p.vit.model_dump()).to(device)
 
 
 def fits_in_memory(shapes: dict[str, Any], n: int, limit_mb: float) -> bool:
@@ -713,12 +717,6 @@ class _Sources:
             else:
                 split = torch.utils.data.Subset(split, range(n))
         return LayerBatches(layer, labels, self.device, net=self.net, split=split, augment=augment)
-
-
-def _hash(obj: Any) -> str:
-    from stitchbench.keys import job_key
-
-    return job_key("value", value=obj)
 
 
 def find_detector(client: Any, model_name: str, key: str) -> Any | None:

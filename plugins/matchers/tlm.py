@@ -90,13 +90,16 @@ class TaskLossMatching(Matcher):
         out: list[StitchingLayer | None] = [None] * len(problems)
         for members in groups.values():
             group = [problems[n] for n in members]
+            # The same network may come more than once (the targets of a row are one network;
+            # an intra-network row's source is that network too): each context below restores
+            # it exactly as it was.
             nets = [group[0].source, *(p.target for p in group)]
             with eval_mode(*nets):
-                for n, layer in zip(members, self._fit_group(group, params)):
+                for n, layer in zip(members, self._fit_group(group, nets, params)):
                     out[n] = layer
         return out  # type: ignore[return-value]
 
-    def _fit_group(self, problems: list[StitchingProblem], params: Params) -> list[StitchingLayer]:
+    def _fit_group(self, problems: list[StitchingProblem], nets: list[Any], params: Params) -> list[StitchingLayer]:
         import torch
 
         from stitchbench.stitching import frozen
@@ -116,7 +119,6 @@ class TaskLossMatching(Matcher):
         generator = torch.Generator().manual_seed(first.seed)
         seconds: list[float] = []
         try:
-            nets = _distinct([first.source, *(p.target for p in problems)])
             with frozen(*nets), _memory_format(nets, params.channels_last):
                 for cell in cells:
                     cell.start()
@@ -272,13 +274,6 @@ def _memory_format(nets: list[Any], channels_last: bool):
     finally:
         for net in nets:
             net.to(memory_format=torch.contiguous_format)
-
-
-def _distinct(modules: list[Any]) -> list[Any]:
-    seen: dict[int, Any] = {}
-    for m in modules:
-        seen.setdefault(id(m), m)
-    return list(seen.values())
 
 
 def _source_batches(problem: StitchingProblem, batch_size: int, augment: bool, generator: torch.Generator):
