@@ -69,7 +69,7 @@ def measure(arch: str, device: Any, batch: int, seconds: float, pairs: int, prec
     import torch.nn.functional as F
 
     import stitchbench
-    from stitchbench.stitching import StitchedNetwork, StitchingLayer
+    from stitchbench.nn.stitching import StitchedNetwork, StitchingLayer
 
     plugin = stitchbench.get_plugin(arch, "architecture")
     torch.manual_seed(0)

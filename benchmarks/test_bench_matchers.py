@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stitchbench.network import StitchableNetwork
+from stitchbench.nn.network import StitchableNetwork
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -70,7 +70,7 @@ def batches(k: int = K):
 def solve_streaming(solver: str, data=None):
     from stitchbench_plugins.matchers._lstsq import make_accumulator
 
-    from stitchbench.stitching import to_rows
+    from stitchbench.nn.stitching import to_rows
 
     acc = make_accumulator(solver, C1, C2)
     for x, y in data if data is not None else batches():
@@ -80,7 +80,7 @@ def solve_streaming(solver: str, data=None):
 
 
 def solve_pinv(data=None):
-    from stitchbench.stitching import to_rows
+    from stitchbench.nn.stitching import to_rows
 
     xs, ys = [], []
     for x, y in data if data is not None else batches():
@@ -185,8 +185,8 @@ def _network(seed: int) -> SmallConvNet:
 
 
 def _problems(target_layers: list[str]):
-    from stitchbench.data import LoadedDataset, TensorSplit, random_crop_flip
-    from stitchbench.stitching import StitchingProblem
+    from stitchbench.nn.data import LoadedDataset, TensorSplit, random_crop_flip
+    from stitchbench.nn.stitching import StitchingProblem
 
     g = torch.Generator().manual_seed(0)
     split = TensorSplit(
@@ -206,7 +206,7 @@ def _floor(prob):
     step on the source activations of the (unaugmented) training split computed beforehand."""
     from stitchbench_plugins.matchers.dm import DirectMatching
 
-    from stitchbench.stitching import frozen
+    from stitchbench.nn.stitching import frozen
 
     layer = DirectMatching().fit(prob, {"k": 100})
     with torch.no_grad():

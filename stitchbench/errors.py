@@ -7,6 +7,9 @@ command line, the configuration, the workspace or the data on disk. `PluginError
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class StitchbenchError(Exception):
     """Base class: the message is complete and is printed without a traceback."""
@@ -43,6 +46,19 @@ class JobError(StitchbenchError):
         self.job = job
         self.plugin = plugin
         self.cause = cause
+
+
+@contextmanager
+def job_errors(job: str, plugin: str | None) -> Iterator[None]:
+    """Within the block, an exception that is not a `StitchbenchError` comes out as a
+    `JobError` naming ``job`` and ``plugin`` (the original is its ``cause``); a
+    `StitchbenchError` passes unchanged (its message is already complete)."""
+    try:
+        yield
+    except StitchbenchError:
+        raise
+    except Exception as e:
+        raise JobError(job, plugin, e) from e
 
 
 class DivergenceError(StitchbenchError):

@@ -1,15 +1,28 @@
-"""Shared fixtures: every test that touches a workspace gets a fresh temporary one."""
+"""Shared fixtures.
+
+Every test that touches a workspace gets one of its own. Most end-to-end tests share the
+networks and matrices of one real run: `trained_workspace` runs the tiny config below
+once per test session through the installed command (a fresh run, end to end), and
+`shared_ws` hands each test a private copy of that workspace, in which the networks are
+reused by key instead of trained again.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
+import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 import pytest
 
-import stitchbench.plugins
+import stitchbench.plugin.manager
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ["STITCHBENCH_PROGRESS"] = "off"
@@ -26,9 +39,9 @@ def workspace(tmp_path, monkeypatch):
     monkeypatch.chdir(ws)
     monkeypatch.setenv("STITCHBENCH_WORKSPACE", str(ws))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    stitchbench.plugins.clear_cache()
+    stitchbench.plugin.manager.clear_cache()
     yield ws
-    stitchbench.plugins.clear_cache()
+    stitchbench.plugin.manager.clear_cache()
 
 
 def cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -41,8 +54,33 @@ def cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: i
     return subprocess.run([str(EXE), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
+@pytest.fixture
+def cli_here(monkeypatch, capsys):
+    """The command line run in this process (no interpreter start, torch and MLflow already
+    imported): ``cli_here(*args, cwd=ws)`` -> a CompletedProcess with the exit status and
+    the captured output, as `cli` returns. For tests whose point is not the process."""
+    from stitchbench.cli import main
+
+    def call(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+        monkeypatch.chdir(cwd)
+        monkeypatch.setenv("STITCHBENCH_WORKSPACE", str(cwd))
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        stitchbench.plugin.manager.clear_cache()
+        capsys.readouterr()
+        code = main(list(args))
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(list(args), code, captured.out, captured.err)
+
+    yield call
+    stitchbench.plugin.manager.clear_cache()
+
+
+def client_of(ws: Path) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlruns' / 'mlflow.db'}")
+
+
 # A third-party similarity index, as a user would write it in a file and register by path
-# (tests/test_run_e2e.py; tests/test_executors.py ships it to Ray workers).
+# (the shared tiny run uses it; on Ray its code has to be shipped to the workers).
 MEAN_NORM_PLUGIN = '''
 import numpy as np
 import stitchbench
@@ -61,3 +99,108 @@ class MeanNorm(stitchbench.SimilarityIndex):
 def register_similarity_indices(register):
     register(MeanNorm())
 '''
+
+#: Tiny detectors for the tiny run (the paper's are ResNet-18s trained for 100 + 20 epochs).
+OOD_PARAMS = {
+    "auxiliary": {"name": "noise", "params": {"n_train": 400, "n_test": 200}},
+    "pretrain": {"epochs": 3, "batch_size": 128, "lr": 0.003},
+    "finetune": {"epochs": 3, "batch_size": 128, "optimizer": "sgd", "lr": 0.03},
+    "resnet": {"width": 4, "stages": 1, "blocks": 1, "upsample_to": None},
+    "heatmaps": False,
+}
+
+#: The tiny config every shared end-to-end test uses: two width-4 ResNet-18s on digits,
+#: three stitched layers, every bundled matcher, index and evaluation (and the registered
+#: `mean_norm`), each sized to take seconds.
+TINY = textwrap.dedent(f"""
+    name: tiny
+    dataset: {{name: digits}}
+    networks:
+      architecture: {{name: resnet18, params: {{width: 4}}}}
+      count: 2
+      training: {{epochs: 2, batch_size: 128, lr: 0.003, augment: false}}
+    stitching:
+      layers: [0, 3, 7]
+      params:
+        dm: {{k: 40}}
+        tlm: {{epochs: 1, batch_size: 256}}
+    indices: {{n_examples: 100, params: {{dm_struct: {{k: 40}}}}}}
+    evaluations:
+      params:
+        energy_ood: {json.dumps(OOD_PARAMS)}
+        ding_sensitivity: {{layers: [6, 7], ranks: [4, 2, 1], n_permutations: 100, probe: {{epochs: 2}}}}
+        ding_specificity: {{n_permutations: 100, probe: {{epochs: 2}}}}
+""")
+#: One torch thread, as in each 1-CPU Ray task: CPU kernels then reduce in the same order,
+#: so the local run and a Ray run give the same bits.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+RUN_TINY = ("run", "--config", "tiny.yaml")
+
+
+def new_tiny_workspace(ws: Path) -> Path:
+    """A fresh workspace holding tiny.yaml and mean_norm.py, the plugin registered."""
+    ws.mkdir(parents=True, exist_ok=True)
+    (ws / "tiny.yaml").write_text(TINY)
+    (ws / "mean_norm.py").write_text(MEAN_NORM_PLUGIN)
+    p = cli("plugins", "register", str(ws / "mean_norm.py"), cwd=ws)
+    assert p.returncode == 0, p.stderr
+    return ws
+
+
+@dataclass
+class FinishedRun:
+    """A workspace and the ``stitchbench run`` that ran in it."""
+
+    path: Path
+    result: subprocess.CompletedProcess
+
+    @property
+    def run_id(self) -> str:
+        return self.result.stdout.split("run ", 1)[1].split()[0]
+
+
+@pytest.fixture(scope="session")
+def trained_workspace(tmp_path_factory) -> FinishedRun:
+    """The tiny config run once, fresh, through the installed command (one torch thread).
+    Read-only: tests that write take a `shared_ws` copy."""
+    ws = new_tiny_workspace(tmp_path_factory.mktemp("trained") / "ws")
+    p = cli(*RUN_TINY, cwd=ws, env=ONE_THREAD)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return FinishedRun(ws, p)
+
+
+@pytest.fixture(scope="session")
+def rerun_workspace(trained_workspace, tmp_path_factory) -> FinishedRun:
+    """A copy of the trained workspace in which the same command ran a second time."""
+    ws = copy_workspace(trained_workspace.path, tmp_path_factory.mktemp("rerun") / "ws")
+    p = cli(*RUN_TINY, cwd=ws, env=ONE_THREAD)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return FinishedRun(ws, p)
+
+
+@pytest.fixture
+def shared_ws(trained_workspace, tmp_path) -> Path:
+    """A private copy of the trained workspace: its networks and matrices are reused by key."""
+    return copy_workspace(trained_workspace.path, tmp_path / "ws")
+
+
+def copy_workspace(src: Path, dst: Path) -> Path:
+    """Copy a workspace to ``dst``, its MLflow store pointed at the copy's own artifacts.
+
+    The store records absolute paths (the experiment's artifact location, every run's
+    artifact URI, registered model sources); they are rewritten, so the copy reads and
+    writes only its own files. The registry entry of a plugin inside the workspace is
+    rewritten too."""
+    shutil.copytree(src, dst)
+    old, new = str(src), str(dst)
+    with sqlite3.connect(dst / "mlruns" / "mlflow.db") as db:
+        for (table,) in db.execute("select name from sqlite_master where type = 'table'").fetchall():
+            cols = [c[1] for c in db.execute(f"pragma table_info('{table}')") if "CHAR" in c[2].upper()
+                    or "TEXT" in c[2].upper()]
+            for col in cols:
+                db.execute(f'update "{table}" set "{col}" = replace("{col}", ?, ?) where "{col}" like ?',
+                           (old, new, f"%{old}%"))
+    reg = dst / "registry" / "plugins.toml"
+    if reg.exists():
+        reg.write_text(reg.read_text().replace(old, new))
+    return dst

@@ -15,7 +15,7 @@ from stitchbench_plugins.architectures.resnet18 import ResNet18
 from stitchbench_plugins.architectures.vit_tiny import ViTTiny
 from torch import nn
 
-from stitchbench.network import StitchableNetwork
+from stitchbench.nn.network import StitchableNetwork
 
 RESNET_NAMES = [
     "layer1.0",

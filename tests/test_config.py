@@ -7,8 +7,8 @@ import json
 import pytest
 
 from stitchbench.cli import main
-from stitchbench.config import apply_override, build_config, preset_names
 from stitchbench.errors import ConfigError, UsageError
+from stitchbench.run.config import apply_override, build_config, preset_names
 
 from .conftest import cli
 

@@ -12,7 +12,7 @@ import torch
 
 import stitchbench
 from stitchbench import UsageError
-from stitchbench.data import TensorSplit
+from stitchbench.nn.data import TensorSplit
 
 
 def load(name: str, data_dir: Path | None = None, **params):

@@ -6,29 +6,23 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import textwrap
 
-import mlflow
 import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
 from scipy import stats
-from stitchbench_plugins.evaluations import _ding_stats as ds
-from stitchbench_plugins.evaluations._ding_common import fit_low_rank, pwcca_ding
-from stitchbench_plugins.evaluations._probing import (
-    ProbeGroup,
-    ProbeParams,
-    pooled,
-    probe_accuracies,
-    train_probes,
-)
-from stitchbench_plugins.evaluations.ding_sensitivity import DingSensitivity, default_ranks, layer_ranks
-from stitchbench_plugins.evaluations.ding_specificity import DingSpecificity
+from stitchbench_plugins.evaluations.ding import stats as ds
+from stitchbench_plugins.evaluations.ding.features import pooled
+from stitchbench_plugins.evaluations.ding.params import ProbeParams
+from stitchbench_plugins.evaluations.ding.probe_training import ProbeGroup, probe_accuracies, train_probes
+from stitchbench_plugins.evaluations.ding.representations import fit_low_rank
+from stitchbench_plugins.evaluations.ding.sensitivity import DingSensitivity, default_ranks, layer_ranks
+from stitchbench_plugins.evaluations.ding.specificity import DingSpecificity
 
 import stitchbench
 
-from .conftest import cli
+from .conftest import client_of
 
 MEASURES = ("lcka", "pwcca", "opd", "dm_func", "dm_struct")
 
@@ -136,7 +130,7 @@ def test_low_rank_approximation_has_the_requested_rank():
 
 
 def test_rank_lists():
-    assert default_ranks(512) == [512, 448, 384, 320, 256, 192, 128, 64, 32, 16, 8, 4, 2, 1]  # REFERENCE.md
+    assert default_ranks(512) == [512, 448, 384, 320, 256, 192, 128, 64, 32, 16, 8, 4, 2, 1]  # 14 ranks, as the paper's blocks 7-8
     assert len(default_ranks(256)) == 13  # the paper's count for blocks 5 and 6
     paper = [512, 448, 384, 320, 256, 192, 128, 64, 32, 16, 8, 4, 2, 1]
     assert layer_ranks(512, paper, "to_layer") == paper
@@ -174,7 +168,7 @@ def test_probes_of_different_widths_trained_together_equal_probes_trained_alone(
 
 
 def test_written_out_adam_matches_torch():
-    from stitchbench_plugins.evaluations._probing import _Adam
+    from stitchbench_plugins.evaluations.ding.probe_training import _Adam
 
     torch.manual_seed(0)
     w = torch.randn(5, 3, requires_grad=True)
@@ -202,6 +196,11 @@ def test_pooled_probe_input():
 # -- PWCCA with rank-deficient input ------------------------------------------------------
 
 
+def pwcca_ding(a, b) -> float:
+    """The pwcca plugin under Ding et al.'s convention (what the sensitivity test uses)."""
+    return type(stitchbench.get_plugin("pwcca"))(convention="ding").compute(a, b)
+
+
 def test_pwcca_ding_equals_the_plugin_on_full_rank_input():
     rng = np.random.default_rng(1)
     a = rng.normal(size=(200, 6))
@@ -226,10 +225,10 @@ def test_pwcca_ding_counts_unmatched_directions_of_a_low_rank_input():
 # -- parameters of the paper presets ------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset", [p for p in __import__("stitchbench.config", fromlist=["x"]).preset_names()
+@pytest.mark.parametrize("preset", [p for p in __import__("stitchbench.run.config", fromlist=["x"]).preset_names()
                                     if p.startswith("paper-ding")])
 def test_paper_presets_params_validate(preset):
-    from stitchbench.config import preset_data
+    from stitchbench.run.config import preset_data
 
     params = preset_data(preset)["evaluations"]["params"]
     sens = DingSensitivity.Params.model_validate(params["ding_sensitivity"])
@@ -245,40 +244,17 @@ def test_requires_pulls_in_the_measures():
     assert DingSpecificity.requires == DingSensitivity.requires
 
 
-# -- end to end ---------------------------------------------------------------------------
-
-TINY = """
-name: tiny-ding
-dataset: {name: digits}
-networks:
-  architecture: {name: resnet18, params: {width: 4}}
-  count: 2
-  training: {epochs: 2, batch_size: 128, lr: 0.003, augment: false}
-stitching:
-  layers: [1, 4, 7]
-  params:
-    dm: {k: 30}
-  intra: false
-  inter: none
-indices: {n_examples: 100, params: {dm_struct: {k: 30}}}
-evaluations:
-  params:
-    ding_sensitivity: {layers: [6, 7], ranks: [4, 2, 1], n_permutations: 100, probe: {epochs: 2}}
-    ding_specificity: {n_permutations: 100, probe: {epochs: 2}}
-"""
+# -- end to end --------------------------------------------------------------------------
 
 
-def test_tiny_run_end_to_end(tmp_path):
-    ws = tmp_path
-    (ws / "tiny.yaml").write_text(textwrap.dedent(TINY))
-    args = ("run", "--config", "tiny.yaml", "--plugin", "ding_sensitivity", "--plugin", "ding_specificity")
-    first = cli(*args, cwd=ws)
-    assert first.returncode == 0, first.stderr[-3000:]
+def test_tiny_run_end_to_end(trained_workspace, rerun_workspace, cli_here):
+    """The shared tiny run (tests/conftest.py) ran both tests; its rerun reused every probe."""
+    ws, first = trained_workspace.path, trained_workspace.result
     assert "sensitivity test (Table 2)" in first.stdout and "specificity test (Table 3)" in first.stdout
-    rep = cli("report", "latest", "--json", cwd=ws)
+    rep = cli_here("report", "latest", "--json", cwd=ws)
     assert rep.returncode == 0, rep.stderr[-2000:]
     report = json.loads(rep.stdout)
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlruns' / 'mlflow.db'}")
+    client = client_of(ws)
     parent = client.get_run(report["run_id"])
     for test in ("sensitivity", "specificity"):
         section = report["ding"][test]
@@ -289,20 +265,32 @@ def test_tiny_run_end_to_end(tmp_path):
                 assert f"ding.{test}.{m}.{stat}" in parent.data.metrics
             assert {"p_tau", "p_rho", "significant"} <= set(section[m])
     assert set(report["ding"]["sensitivity"]["lcka"]["per_layer"]) == {"layer4.0", "layer4.1"}
-    # a second run reuses every probe from the first run's probes.json
-    second = cli(*args, cwd=ws)
-    assert second.returncode == 0, second.stderr[-3000:]
-    exp = client.get_experiment_by_name("tiny-ding")
-    evals = client.search_runs([exp.experiment_id], "tags.`stitchbench.plugin` = 'ding_sensitivity'",
-                               order_by=["attributes.start_time DESC"])
+    exp = client.get_experiment_by_name("tiny")
+    (evaluation,) = client.search_runs([exp.experiment_id], "tags.`stitchbench.plugin` = 'ding_sensitivity' and "
+                                       "tags.`stitchbench.kind` = 'evaluation'")
+    assert evaluation.data.metrics["probes"] == 12 and evaluation.data.metrics["probes_reused_from_store"] == 0
+    arts = {a.path for a in client.list_artifacts(evaluation.info.run_id)}
+    assert {"ding_sensitivity.json", "probes.json", "ding_sensitivity_scatter.png", "report.json"} <= arts
+    table = json.loads(_artifact(client, evaluation.info.run_id, "ding_sensitivity.json"))
+    assert [[r["rank"] for r in s["representations"]] for s in table["sets"]] == [[None, 16, 8]] * 4
+    # the probes are jobs of their own, one per (network, layer), nested in the evaluation's run
+    jobs = client.search_runs([exp.experiment_id], "tags.`stitchbench.kind` = 'ding_probes'")
+    sens = [j for j in jobs if j.data.tags["stitchbench.plugin"] == "ding_sensitivity"]
+    assert len(sens) == 4 and all(j.data.tags["mlflow.parentRunId"] == evaluation.info.run_id for j in sens)
+    stored = json.loads(_artifact(client, sens[0].info.run_id, "probes.json"))
+    assert sorted(stored["probes"]) == ["16", "8", "full"]
+
+    # the identical rerun found every probe by key
+    client = client_of(rerun_workspace.path)
+    exp = client.get_experiment_by_name("tiny")
+    evals = client.search_runs([exp.experiment_id], "tags.`stitchbench.plugin` = 'ding_sensitivity' and "
+                               "tags.`stitchbench.kind` = 'evaluation'", order_by=["attributes.start_time DESC"])
     assert len(evals) == 2
     newest = evals[0].data.metrics
     assert newest["probes"] == 12 and newest["probes_reused_from_store"] == 12
-    assert evals[1].data.metrics["probes_reused_from_store"] == 0
-    arts = {a.path for a in client.list_artifacts(evals[0].info.run_id)}
-    assert {"ding_sensitivity.json", "probes.json", "ding_sensitivity_scatter.png", "report.json"} <= arts
-    table = json.loads(_artifact(client, evals[0].info.run_id, "ding_sensitivity.json"))
-    assert [[r["rank"] for r in s["representations"]] for s in table["sets"]] == [[None, 16, 8]] * 4
+    assert len(client.search_runs([exp.experiment_id], "tags.`stitchbench.kind` = 'ding_probes'")) == len(jobs)
+    rerun = json.loads(cli_here("report", "latest", "--json", cwd=rerun_workspace.path).stdout)
+    assert rerun["ding"] == report["ding"]
 
 
 def _artifact(client, run_id, path):

@@ -4,7 +4,6 @@ of registered detectors by key, and stitched activations that really go through 
 from __future__ import annotations
 
 import json
-import textwrap
 
 import mlflow
 import numpy as np
@@ -12,19 +11,18 @@ import pytest
 import torch
 from scipy.special import logsumexp
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
-from stitchbench_plugins.evaluations._ood_detectors import (
+from stitchbench_plugins.evaluations.energy_ood.detectors import build_detector
+from stitchbench_plugins.evaluations.energy_ood.metrics import detector_energies, energy, ood_scores
+from stitchbench_plugins.evaluations.energy_ood.training import (
     LayerBatches,
-    build_detector,
-    detector_energies,
     energy_margin_loss,
     finetune,
     pretrain,
 )
-from stitchbench_plugins.evaluations._ood_metrics import energy, ood_scores
 
-from stitchbench.executors import LocalExecutor
+from stitchbench.execution.executors import LocalExecutor
 
-from .conftest import cli
+from .conftest import OOD_PARAMS, client_of
 
 # -- energy and metrics -------------------------------------------------------------------------
 
@@ -126,63 +124,24 @@ def test_conv_detector_upsamples_when_asked():
 
 # -- in a run -------------------------------------------------------------------------------------
 
-OOD_PARAMS = {
-    "auxiliary": {"name": "noise", "params": {"n_train": 400, "n_test": 200}},
-    "pretrain": {"epochs": 3, "batch_size": 128, "lr": 0.003},
-    "finetune": {"epochs": 3, "batch_size": 128, "optimizer": "sgd", "lr": 0.03},
-    "resnet": {"width": 4, "stages": 1, "blocks": 1, "upsample_to": None},
-    "heatmaps": False,
-}
-
-TINY = f"""
-name: tiny-ood
-dataset: {{name: digits}}
-networks:
-  architecture: {{name: resnet18, params: {{width: 4}}}}
-  count: 2
-  training: {{epochs: 2, batch_size: 128, lr: 0.003, augment: false}}
-stitching:
-  layers: [0, 3, 7]
-  params:
-    dm: {{k: 40}}
-evaluations:
-  params:
-    energy_ood: {json.dumps(OOD_PARAMS)}
-"""
-
-
-def _client(ws):
-    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlruns' / 'mlflow.db'}")
-
-
-@pytest.fixture(scope="module")
-def twice(tmp_path_factory):
-    ws = tmp_path_factory.mktemp("ood")
-    (ws / "tiny.yaml").write_text(textwrap.dedent(TINY))
-    runs = []
-    for _ in range(2):
-        r = cli("run", "--config", "tiny.yaml", "--plugin", "dm", "--plugin", "energy_ood", cwd=ws)
-        assert r.returncode == 0, r.stderr[-3000:]
-        runs.append(r)
-    return ws, runs
-
-
-def _ood_runs(client, ws):
-    exp = client.get_experiment_by_name("tiny-ood")
+def _ood_runs(client):
+    """The experiment, its parent runs (oldest first) and their energy_ood evaluation runs."""
+    exp = client.get_experiment_by_name("tiny")
     parents = sorted(client.search_runs([exp.experiment_id], "tags.`stitchbench.kind` = 'parent'"),
                      key=lambda r: r.info.start_time)
     evals = []
     for p in parents:
         evals += client.search_runs(
-            [exp.experiment_id],
-            f"tags.`mlflow.parentRunId` = '{p.info.run_id}' and tags.`stitchbench.plugin` = 'energy_ood'")
+            [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{p.info.run_id}' and "
+            "tags.`stitchbench.plugin` = 'energy_ood' and tags.`stitchbench.kind` = 'evaluation'")
     return exp, parents, evals
 
 
-def test_detectors_are_registered_once_and_reused_by_key(twice):
-    ws, _ = twice
-    client = _client(ws)
-    exp, parents, evals = _ood_runs(client, ws)
+def test_detectors_are_registered_once_and_reused_by_key(rerun_workspace):
+    """The shared tiny run trained a detector per target layer; its identical rerun reused
+    every one by key."""
+    client = client_of(rerun_workspace.path)
+    exp, parents, evals = _ood_runs(client)
     assert len(parents) == 2 and len(evals) == 2
     names = sorted(m.name for m in client.search_registered_models() if m.name.endswith("-energy-detector"))
     assert names == sorted(f"digits-resnet18-w4-seed{s}-{layer}-energy-detector"
@@ -196,16 +155,17 @@ def test_detectors_are_registered_once_and_reused_by_key(twice):
     assert second.data.metrics["detectors.trained"] == 0 and second.data.metrics["detectors.reused"] == 6
     detector_runs = client.search_runs([exp.experiment_id], "tags.`stitchbench.kind` = 'ood_detector'")
     assert len(detector_runs) == 6
+    assert all(r.data.tags["mlflow.parentRunId"] == first.info.run_id for r in detector_runs)
     sanity = {r.info.run_name: r.data.metrics["sanity_auroc"] for r in detector_runs}
     # Digits vs noise, through networks of width 4 trained for 2 epochs and detectors of one
     # block: clearly better than chance everywhere (the quick preset's detectors reach > 0.97).
     assert all(v > 0.7 for v in sanity.values()), sanity
 
 
-def test_auroc_matrices_metrics_figures_and_report(twice):
-    ws, _ = twice
-    client = _client(ws)
-    _, parents, evals = _ood_runs(client, ws)
+def test_auroc_matrices_metrics_figures_and_report(rerun_workspace, cli_here):
+    ws = rerun_workspace.path
+    client = client_of(ws)
+    _, parents, evals = _ood_runs(client)
     metrics = parents[-1].data.metrics
     for part in ("diag", "offdiag"):
         assert 0.0 <= metrics[f"ood.auroc.dm.{part}"] <= 1.0
@@ -221,7 +181,7 @@ def test_auroc_matrices_metrics_figures_and_report(twice):
     # A DM self-stitch of a layer to itself reproduces the layer: not flagged as OOD.
     assert np.all(np.diag(auroc) < 0.6)
     # The same numbers in the report, read back as a user would.
-    rep = cli("report", "latest", "--json", cwd=ws)
+    rep = cli_here("report", "latest", "--json", cwd=ws)
     assert rep.returncode == 0, rep.stderr[-2000:]
     ood = json.loads(rep.stdout)["ood"]
     got = ood["matrices"]["dm"]["intra"][0]
@@ -231,7 +191,7 @@ def test_auroc_matrices_metrics_figures_and_report(twice):
     logged = {r.info.run_name.removeprefix("ood detector "): r.data.metrics["sanity_auroc"] for r in
               client.search_runs([parents[-1].info.experiment_id], "tags.`stitchbench.kind` = 'ood_detector'")}
     assert {d["model_name"]: d["sanity_auroc"] for d in ood["detectors"]} == pytest.approx(logged)
-    text = cli("report", "latest", cwd=ws)
+    text = cli_here("report", "latest", cwd=ws)
     assert text.returncode == 0 and "Energy-based OOD analysis" in text.stdout
     assert "dm" in text.stdout and "6 (0 trained, 6 reused)" in text.stdout
 
@@ -253,14 +213,13 @@ def test_stitched_activations_go_through_the_stitching_layer(workspace):
     makes the two sets separable (AUROC far from 0.5, in whichever direction the energies
     move)."""
     import stitchbench
-    from stitchbench import tracking
-    from stitchbench.activations import ActivationCache
-    from stitchbench.config import RunConfig
-    from stitchbench.context import MatrixRecord, RunContext
-    from stitchbench.plugins import load_plugins
-    from stitchbench.stitching import StitchingLayer
+    from stitchbench import JobRun, MatrixRecord, RunContext, StitchingLayer
+    from stitchbench.nn.activations import ActivationCache
+    from stitchbench.plugin.manager import load_plugins
+    from stitchbench.run.config import RunConfig
+    from stitchbench.store import connection
 
-    tracking.connect(workspace)
+    connection.connect(workspace)
     data = stitchbench.get_plugin("digits").load({}, None)
     torch.manual_seed(0)
     net = stitchbench.get_plugin("resnet18").build({"width": 4}, 10, (1, 8, 8)).eval()
@@ -288,8 +247,9 @@ def test_stitched_activations_go_through_the_stitching_layer(workspace):
     )
     params = stitchbench.get_plugin("energy_ood").Params.model_validate(
         {**OOD_PARAMS, "auxiliary": {"name": "noise", "params": {"n_train": 300, "n_test": 100}}})
-    exp = tracking.experiment_id(mlflow.MlflowClient(), "inproc", workspace)
-    with mlflow.start_run(experiment_id=exp):
+    exp = connection.experiment_id(mlflow.MlflowClient(), "inproc", workspace)
+    with mlflow.start_run(experiment_id=exp) as run:
+        ctx = ctx.for_evaluation("energy_ood", JobRun(run.info.run_id, "evaluation energy_ood", None))
         res = stitchbench.get_plugin("energy_ood").run(ctx, params)
     # The detectors were trained as tasks of the run's executor, one per (network, layer).
     assert ctx.executor.labels == [f"OOD detector n-{layer}" for layer in layers]

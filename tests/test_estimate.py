@@ -7,11 +7,11 @@ import json
 import pytest
 
 import stitchbench
-from stitchbench.config import build_config
 from stitchbench.errors import UsageError
-from stitchbench.estimate import ASSUMED, Throughput, estimate, load_throughputs
-from stitchbench.plan import make_plan
-from stitchbench.plugins import load_plugins
+from stitchbench.plugin.manager import load_plugins
+from stitchbench.run.config import build_config
+from stitchbench.run.estimate import ASSUMED, Throughput, estimate, load_throughputs
+from stitchbench.run.plan import make_plan
 
 
 def test_dataset_info_matches_what_load_returns():

@@ -5,24 +5,23 @@ from __future__ import annotations
 
 import json
 import pickle
-import textwrap
-import time
+from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
 import torch
 
-from stitchbench import executors, worker
 from stitchbench.cli import main
-from stitchbench.config import build_config, validate
 from stitchbench.errors import ConfigError, JobError, UsageError
-from stitchbench.matrices import MatrixTask, compute_stitch_matrix, merge_rows, submit_matrix
-from stitchbench.networks import TrainedNetwork, build
-from stitchbench.plan import make_plan
-from stitchbench.plugins import load_plugins
+from stitchbench.execution import executors
+from stitchbench.execution import worker_state as worker
+from stitchbench.plugin.manager import load_plugins
+from stitchbench.run.config import build_config, validate
+from stitchbench.run.matrix_jobs import MatrixTask, compute_stitch_matrix, merge_rows, submit_matrix
+from stitchbench.run.network_jobs import TrainedNetwork, build
+from stitchbench.run.plan import make_plan
 
-from .conftest import MEAN_NORM_PLUGIN, cli
+from .conftest import ONE_THREAD, RUN_TINY, cli, client_of, new_tiny_workspace
 
 # -- local executor and config (fast) -----------------------------------------------------
 
@@ -161,95 +160,27 @@ def test_a_stitching_matrix_in_parts_is_the_matrix_in_one_task(tmp_path):
     worker.clear()
 
 
-# -- Ray against local on a tiny run ------------------------------------------------------
-
-TINY = """
-name: tiny-exec
-dataset: {name: digits}
-networks:
-  architecture: {name: resnet18, params: {width: 4}}
-  count: 2
-  training: {epochs: 2, batch_size: 128, lr: 0.003, augment: false}
-stitching:
-  layers: [0, 3, 7]
-  params:
-    dm: {k: 40}
-indices: {n_examples: 120}
-evaluations:
-  params:
-    energy_ood:
-      auxiliary: {name: noise, params: {n_train: 200, n_test: 100}}
-      pretrain: {epochs: 1, batch_size: 128, lr: 0.003}
-      finetune: {epochs: 1, batch_size: 128, lr: 0.03}
-      resnet: {width: 4, stages: 1, blocks: 1, upsample_to: null}
-      heatmaps: false
-    ding_specificity: {n_permutations: 50, probe: {epochs: 1}, measures: [lcka, dm_func]}
-executor: {num_cpus: 2}
-"""
-
-# A third-party index registered by path: its module exists only in the driver, so the Ray
-# executor has to ship its code to the workers.
-PLUGIN = MEAN_NORM_PLUGIN
-
-MEASURES = ("--plugin", "dm", "--plugin", "lcka", "--plugin", "mean_norm")
-# The evaluations' own tasks (OOD detectors, probes) go to the executor too.
-EVALUATIONS = ("--plugin", "energy_ood", "--plugin", "ding_specificity")
-# One torch thread in the local run, as in each 1-CPU Ray task: CPU kernels then reduce in
-# the same order, so both executors give the same bits.
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-
-
-def _workspace(root, name):
-    ws = root / name
-    ws.mkdir()
-    (ws / "tiny.yaml").write_text(textwrap.dedent(TINY))
-    (ws / "mean_norm.py").write_text(PLUGIN)
-    assert cli("plugins", "register", str(ws / "mean_norm.py"), cwd=ws).returncode == 0
-    return ws
-
-
-def _run(ws, *args):
-    p = cli("run", "--config", "tiny.yaml", *args, cwd=ws, env=ONE_THREAD)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return p
+# -- Ray against local on the shared tiny run -----------------------------------------------
 
 
 def _matrices(ws, parent_id):
     """(plugin, source, target) -> values of every matrix the run used (computed or reused)."""
-    uri = f"sqlite:///{ws / 'mlruns' / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    jobs = json.loads(mlflow.artifacts.load_text(f"runs:/{parent_id}/jobs.json"))
-    client = mlflow.MlflowClient(tracking_uri=uri)
+    client = client_of(ws)
+    jobs = json.loads(Path(client.download_artifacts(parent_id, "jobs.json")).read_text())
     out = {}
     for j in jobs:
         tags = client.get_run(j["run_id"]).data.tags
         key = (tags["stitchbench.plugin"], tags["stitchbench.source"], tags["stitchbench.target"])
-        out[key] = np.load(mlflow.artifacts.download_artifacts(run_id=j["run_id"], artifact_path="matrix/values.npy"))
+        out[key] = np.load(client.download_artifacts(j["run_id"], "matrix/values.npy"))
     return out
 
 
-def _report(ws, run_id, evaluation):
-    """The report data (report.json) of one evaluation of a run."""
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlruns' / 'mlflow.db'}")
-    exp = client.get_run(run_id).info.experiment_id
-    (ev,) = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{run_id}' and "
-                               f"tags.`stitchbench.plugin` = '{evaluation}'")
-    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlruns' / 'mlflow.db'}")
-    return json.loads(mlflow.artifacts.load_text(f"runs:/{ev.info.run_id}/report.json"))["data"]
-
-
-def _layer_identification(ws, stdout):
-    """The run's id and its layer-identification table (report.json of the evaluation)."""
-    run_id = stdout.split("run ", 1)[1].split()[0]
-    return run_id, _report(ws, run_id, "layer_identification")
-
-
 def _assert_close(got, want, where="report"):
-    """Equal structure and text, numbers to float tolerance; timings are skipped."""
+    """Equal structure and text, numbers to float tolerance; timings and run ids are skipped."""
     if isinstance(want, dict):
         assert isinstance(got, dict) and set(got) == set(want), where
         for k in want:
-            if "seconds" not in str(k):
+            if "seconds" not in str(k) and k not in ("run_id", "start_time"):
                 _assert_close(got[k], want[k], f"{where}.{k}")
     elif isinstance(want, list):
         assert isinstance(got, list) and len(got) == len(want), where
@@ -261,38 +192,50 @@ def _assert_close(got, want, where="report"):
         assert got == want, where
 
 
-def test_ray_gives_the_same_results_as_local(tmp_path, monkeypatch):
+#: What the Ray run computes: DM and every index (the Ding test requires them) with their
+#: layer identification, the OOD detectors and the Ding probes: every kind of task.
+RAY_PLUGINS = ("--plugin", "dm", "--plugin", "lcka", "--plugin", "mean_norm", "--plugin", "energy_ood",
+               "--plugin", "ding_specificity")
+
+
+def test_ray_gives_the_same_results_as_local(trained_workspace, tmp_path, monkeypatch, cli_here):
+    """Part of the shared tiny run again, fresh, on a local 2-CPU Ray cluster: networks,
+    matrices, OOD detectors and Ding probes as Ray tasks (the registered third-party index
+    shipped to the workers). Every number equals the local run's (both one torch thread)."""
     pytest.importorskip("ray")
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    started = time.time()
-    local_ws = _workspace(tmp_path, "local")
-    local_id, local = _layer_identification(local_ws, _run(local_ws, *MEASURES, *EVALUATIONS).stdout)
-
-    ray_ws = _workspace(tmp_path, "ray")
-    ray_started = time.time()
-    p = _run(ray_ws, *MEASURES, *EVALUATIONS, "--executor", "ray")
-    ray_seconds = time.time() - ray_started
+    ray_ws = new_tiny_workspace(tmp_path / "ray")
+    p = cli(*RUN_TINY, *RAY_PLUGINS, "--executor", "ray", "--set", "executor.num_cpus=2", cwd=ray_ws, env=ONE_THREAD)
+    assert p.returncode == 0, p.stderr[-3000:]
     assert "networks trained 2, reused 0" in p.stdout and "matrix jobs computed 18, reused 0" in p.stdout, p.stdout
-    ray_id, ray = _layer_identification(ray_ws, p.stdout)
+    ray_id = p.stdout.split("run ", 1)[1].split()[0]
+    local_ws, local_id = trained_workspace.path, trained_workspace.run_id
 
-    assert ray == local
-    assert set(ray["intra"]) == {"dm_func", "lcka", "mean_norm", "pwcca", "opd", "dm_struct"}
-    # The detectors and probes trained as Ray tasks: the same OOD scores and Ding statistics.
-    ood = {ws.name: _report(ws, run_id, "energy_ood") for ws, run_id in ((local_ws, local_id), (ray_ws, ray_id))}
-    assert len(ood["ray"]["detectors"]) == len(ood["local"]["detectors"]) == 6
-    assert not any(d["reused"] for d in ood["ray"]["detectors"])
-    _assert_close(ood["ray"], ood["local"])
-    ding = {ws.name: _report(ws, run_id, "ding_specificity") for ws, run_id in ((local_ws, local_id), (ray_ws, ray_id))}
-    _assert_close(ding["ray"], ding["local"])
+    ray, local = (json.loads(cli_here("report", rid, "--json", cwd=ws).stdout)
+                  for ws, rid in ((ray_ws, ray_id), (local_ws, local_id)))
+    # Table 1 of the measures the Ray run computed
+    measures = {"dm_func", "lcka", "mean_norm", "pwcca", "opd", "dm_struct"}
+    assert set(ray["layer_identification"]["intra"]) == measures
+    for scope in ("intra", "inter"):
+        _assert_close(ray["layer_identification"][scope],
+                      {m: local["layer_identification"][scope][m] for m in measures}, scope)
+    # the OOD analysis of the DM matrices (detectors trained as Ray tasks)
+    assert len(ray["ood"]["detectors"]) == 6 and not any(d["reused"] for d in ray["ood"]["detectors"])
+    for part in ("detectors", "layers", "auxiliary"):
+        _assert_close(ray["ood"][part], local["ood"][part], part)
+    _assert_close(ray["ood"]["summary"]["dm"], local["ood"]["summary"]["dm"], "ood summary")
+    _assert_close(ray["ood"]["matrices"]["dm"], local["ood"]["matrices"]["dm"], "ood matrices")
+    # the specificity test (probes as Ray tasks)
+    _assert_close(ray["ding"]["specificity"], local["ding"]["specificity"], "ding")
     got, want = _matrices(ray_ws, ray_id), _matrices(local_ws, local_id)
-    assert set(got) == set(want) and len(got) == 18  # ding_specificity brings every index
-    for key in want:
+    assert len(got) == 18 and set(got) <= set(want)
+    for key in got:
         np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-9, err_msg=str(key))
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{ray_ws / 'mlruns' / 'mlflow.db'}")
+    client = client_of(ray_ws)
     parent = client.get_run(ray_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["stitchbench.executor"].startswith("ray")
-    local_parent = mlflow.MlflowClient(tracking_uri=f"sqlite:///{local_ws / 'mlruns' / 'mlflow.db'}").get_run(local_id)
-    assert parent.data.metrics == pytest.approx(local_parent.data.metrics, rel=1e-6)
+    local_metrics = client_of(local_ws).get_run(local_id).data.metrics
+    assert parent.data.metrics == pytest.approx({k: local_metrics[k] for k in parent.data.metrics}, rel=1e-6)
     kids = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{ray_id}'")
     assert kids and all(k.info.status == "FINISHED" for k in kids)
     nets = [k for k in kids if k.data.tags["stitchbench.kind"] == "network"]
@@ -300,4 +243,3 @@ def test_ray_gives_the_same_results_as_local(tmp_path, monkeypatch):
     nets = {"digits-resnet18-w4-seed0", "digits-resnet18-w4-seed1"}
     detectors = {f"{n}-{layer}-energy-detector" for n in nets for layer in ("layer1.0", "layer2.1", "layer4.1")}
     assert {m.name for m in client.search_registered_models()} == nets | detectors
-    print(f"local and ray runs: {time.time() - started:.0f} s, of which the ray run {ray_seconds:.0f} s")

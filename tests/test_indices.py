@@ -568,3 +568,30 @@ def test_bad_shapes_and_params():
 def test_linalg_helpers():
     assert _linalg.prefer_gram(10, 11, 3, "auto") and not _linalg.prefer_gram(10, 10, 3, "auto")
     assert _linalg.nuclear_norm(np.diag([3.0, -4.0])) == 7.0
+
+
+def test_positions_arrangement_compares_every_position_whatever_the_channels():
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(30, 6, 2, 2))
+    b = rng.normal(size=(30, 3, 2, 2))
+    assert pair_layouts(a.shape, b.shape, "positions", "cca") == ("positions", "positions")
+    assert pair_layouts(a.shape, b.shape, "reference", "cca") == ("pooled", "pooled")  # shapes differ
+    got_a, got_b = arrange(a, b, "positions")
+    np.testing.assert_array_equal(got_a, a.transpose(0, 2, 3, 1).reshape(-1, 6))
+    np.testing.assert_array_equal(got_b, b.transpose(0, 2, 3, 1).reshape(-1, 3))
+    with pytest.raises(ValueError, match="as many positions"):
+        pair_layouts((30, 6, 2, 2), (30, 6, 4, 4), "positions", "cca")
+    with pytest.raises(ValueError, match="as many positions"):
+        pair_layouts((30, 6, 2, 2), (30, 24), "positions", "cca")
+
+
+def test_pwcca_ding_convention_takes_rank_deficient_sides_and_no_reduction():
+    rng = np.random.default_rng(6)
+    a = rng.normal(size=(200, 6))
+    low = a[:, :2] @ rng.normal(size=(2, 6))  # rank 2 in 6 columns
+    with pytest.raises(ValueError, match="linearly dependent"):
+        PWCCA().compute(a, low)
+    d = PWCCA(convention="ding").compute(a, low)
+    assert 0 < d < 1
+    with pytest.raises(Exception, match="reduce_to"):
+        PWCCA(convention="ding", reduce_to=3)

@@ -6,33 +6,23 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import textwrap
 import time
 
 import mlflow
 import numpy as np
-import pytest
 
-from .conftest import EXE
+from .conftest import EXE, ONE_THREAD, RUN_TINY, copy_workspace
 
-TINY_TLM = """
-name: tiny-tlm
-dataset: {name: digits}
-networks:
-  architecture: {name: resnet18, params: {width: 4}}
-  count: 2
-  training: {epochs: 2, batch_size: 128, lr: 0.003, augment: false}
-stitching:
-  layers: [0, 3, 7]
-  params:
-    tlm: {epochs: 3, batch_size: 128, dm: {k: 40}}
-"""
+# TLM matrices of the shared tiny run's networks (reused), trained longer than there: a
+# new job key, so the stitchers are fitted here, one cell at a time.
+TLM = ("--plugin", "tlm", "--set", "name=tiny-tlm", "--set", "stitching.params.tlm.epochs=2",
+       "--set", "stitching.params.tlm.batch_size=128", "--set", "stitching.layers=[0,7]")
 
 
 def _start(ws, *args):
-    env = dict(os.environ, STITCHBENCH_PROGRESS="off", STITCHBENCH_WORKSPACE=str(ws))
+    env = dict(os.environ, STITCHBENCH_PROGRESS="off", STITCHBENCH_WORKSPACE=str(ws), **ONE_THREAD)
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.Popen([str(EXE), "run", "--config", "tiny.yaml", "--plugin", "tlm", *args], cwd=ws, env=env,
+    return subprocess.Popen([str(EXE), *RUN_TINY, *TLM, *args], cwd=ws, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -66,10 +56,8 @@ def _tlm_matrices(ws, parent_id=None):
     return out
 
 
-def test_sigterm_marks_the_run_killed(tmp_path):
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    (ws / "tiny.yaml").write_text(textwrap.dedent(TINY_TLM))
+def test_sigterm_marks_the_run_killed(shared_ws):
+    ws = shared_ws
     proc = _start(ws)
     _wait_for_cells(ws, 1, proc)
     proc.send_signal(signal.SIGTERM)
@@ -85,33 +73,28 @@ def test_sigterm_marks_the_run_killed(tmp_path):
     assert any(r.data.tags.get("stitchbench.kind") == "stitch_matrix" and r.info.status == "KILLED" for r in runs)
 
 
-# About 80 s through the installed command (TLM stitchers, three processes): in the slow set.
-# The default run has the same guarantee from tests/test_reliability.py (kill -9 at three
-# random moments, then a rerun equal to an uninterrupted run; SIGINT resuming stitchers).
-@pytest.mark.slow
-def test_kill_9_then_rerun_reuses_finished_stitchers_and_matches_an_uninterrupted_run(tmp_path):
-    # The reference: the same config, never interrupted, in its own workspace.
-    ref_ws = tmp_path / "ref"
-    ref_ws.mkdir()
-    (ref_ws / "tiny.yaml").write_text(textwrap.dedent(TINY_TLM))
+def test_kill_9_then_rerun_reuses_finished_stitchers_and_matches_an_uninterrupted_run(trained_workspace, tmp_path):
+    """Through the installed command: kill -9 in the middle of the TLM matrices, then the
+    same command again resumes from the finished stitchers and ends where a run never
+    interrupted ends."""
+    # The reference: the same command, never interrupted, in its own copy of the workspace,
+    # running beside the one to be killed (one torch thread each: the same bits).
+    ref_ws = copy_workspace(trained_workspace.path, tmp_path / "ref")
+    ws = copy_workspace(trained_workspace.path, tmp_path / "ws")
     ref = _start(ref_ws)
-    _, err = ref.communicate(timeout=600)
-    assert ref.returncode == 0, err[-2000:]
-
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    (ws / "tiny.yaml").write_text(textwrap.dedent(TINY_TLM))
     proc = _start(ws)
     done_at_kill = _wait_for_cells(ws, 4, proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     stamps = {p: p.stat().st_mtime_ns for p in (ws / "mlruns" / "cache").glob("*/cell_*.pt")}
     assert len(stamps) >= len(done_at_kill)
+    _, err = ref.communicate(timeout=600)
+    assert ref.returncode == 0, err[-2000:]
 
     rerun = _start(ws)
     out, err = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, err[-2000:]
-    assert "networks trained 0" in out
+    assert "networks trained 0, reused 2" in out
     client = _client(ws)
     exp = client.get_experiment_by_name("tiny-tlm")
     parents = sorted(client.search_runs([exp.experiment_id], "tags.`stitchbench.kind` = 'parent'"),
@@ -121,7 +104,7 @@ def test_kill_9_then_rerun_reuses_finished_stitchers_and_matches_an_uninterrupte
 
     got = _tlm_matrices(ws)
     want = _tlm_matrices(ref_ws)
-    assert set(got) == set(want) and len(got) == 3
+    assert set(got) == set(want) and len(got) == 3 and all(v.shape == (2, 2) for v, _ in got.values())
     assert sum(resumed for _, resumed in got.values()) >= len(stamps)
     for key in want:
         np.testing.assert_allclose(got[key][0], want[key][0], atol=1e-9)

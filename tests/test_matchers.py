@@ -20,16 +20,17 @@ import pydantic
 import pytest
 import torch
 import torch.nn.functional as F
-from stitchbench_plugins.matchers._lstsq import GramAccumulator, LowRankProjection, QRAccumulator
+from stitchbench_plugins.matchers._lstsq import GramAccumulator, QRAccumulator
 from stitchbench_plugins.matchers.dm import DirectMatching
 from stitchbench_plugins.matchers.tlm import TaskLossMatching
 from torch import nn
 
 import stitchbench
-from stitchbench.data import LoadedDataset, TensorSplit, random_crop_flip
+from stitchbench import LowRankProjection
 from stitchbench.errors import DivergenceError
-from stitchbench.network import StitchableNetwork
-from stitchbench.stitching import StitchingLayer, StitchingProblem, to_rows
+from stitchbench.nn.data import LoadedDataset, TensorSplit, random_crop_flip
+from stitchbench.nn.network import StitchableNetwork
+from stitchbench.nn.stitching import StitchingLayer, StitchingProblem, to_rows
 
 SOLVERS = ["qr", "gram"]
 
@@ -379,7 +380,7 @@ def test_dm_rejects_non_finite_and_mismatched_input():
 
 # -- DM: low-rank approximation ------------------------------------------------------------
 def _lra(X: torch.Tensor, r: int) -> torch.Tensor:
-    """REFERENCE.md's low-rank approximation (channels-last rows, centre, SVD, zero, add back)."""
+    """The authors' low-rank approximation (channels-last rows, centre, SVD, zero, add back)."""
     rows = to_rows(X).double()
     mean = rows.mean(0)
     U, s, Vh = torch.linalg.svd(rows - mean, full_matrices=False)

@@ -9,7 +9,7 @@ import pytest
 
 import stitchbench
 from stitchbench.errors import PluginError, UsageError
-from stitchbench.plugins import list_plugins, load_plugins
+from stitchbench.plugin.manager import list_plugins, load_plugins
 
 from .conftest import cli
 
@@ -138,13 +138,13 @@ def test_wrong_type_and_forgotten_parentheses(workspace, tmp_path):
         def register_similarity_indices(register):
             register(NotAnIndex())
     """)
-    entry = stitchbench.registry.entry_for(str(f))
+    entry = stitchbench.plugin.registration.entry_for(str(f))
     with pytest.raises(PluginError, match=r"plugin bad_type: .*expected an instance of stitchbench.SimilarityIndex"):
-        stitchbench.plugins.load_single(entry)
+        stitchbench.plugin.manager.load_single(entry)
     g = write_plugin(tmp_path / "no_parens.py", INDEX_PLUGIN.format(name="np_idx").replace(
         "register(MeanCosine())", "register(MeanCosine)"))
     with pytest.raises(PluginError, match=r"forgotten the `\(\)`"):
-        stitchbench.plugins.load_single(stitchbench.registry.entry_for(str(g)))
+        stitchbench.plugin.manager.load_single(stitchbench.plugin.registration.entry_for(str(g)))
 
 
 def test_misspelt_hook_is_reported_with_a_suggestion(workspace, tmp_path):
@@ -174,17 +174,17 @@ def test_registered_module_by_name(workspace, tmp_path, monkeypatch):
     pkg.mkdir()
     write_plugin(pkg / "mylab_index.py", INDEX_PLUGIN.format(name="mylab_cos"))
     monkeypatch.syspath_prepend(str(pkg))
-    entry = stitchbench.registry.entry_for("mylab_index")
+    entry = stitchbench.plugin.registration.entry_for("mylab_index")
     assert entry.module == "mylab_index"
-    infos = stitchbench.plugins.load_single(entry)
+    infos = stitchbench.plugin.manager.load_single(entry)
     assert [(i.name, i.kind, i.origin) for i in infos] == [("mylab_cos", "similarity_index", "registered module mylab_index")]
 
 
 def test_each_hook_is_documented_with_its_signature():
     import inspect
 
-    from stitchbench import hookspecs
-    from stitchbench.plugin_types import HOOK_OF_KIND
+    from stitchbench.plugin import hookspecs
+    from stitchbench.plugin.types import HOOK_OF_KIND
 
     for hook in HOOK_OF_KIND.values():
         fn = getattr(hookspecs, hook)

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-import stitchbench.plugins
+import stitchbench.plugin.manager
 
 NET = "digits-resnet18-w4-seed0"
 TINY = """
@@ -57,7 +57,7 @@ def _new_workspace(path: Path, monkeypatch=None) -> Path:
         monkeypatch.chdir(path)
         monkeypatch.setenv("STITCHBENCH_WORKSPACE", str(path))
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        stitchbench.plugins.clear_cache()
+        stitchbench.plugin.manager.clear_cache()
     return path
 
 
@@ -149,7 +149,7 @@ def _interrupt_dm_after(monkeypatch, n_fits: int, how: str) -> None:
 PRELOAD = [
     "torch", "torch._dynamo", "torch.export", "sqlalchemy", "alembic", "mlflow", "mlflow.pytorch", "mlflow.pyfunc",
     "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store", "matplotlib.pyplot",
-    "sklearn.datasets", "sklearn.model_selection", "stitchbench.cli", "stitchbench.pipeline", "stitchbench.tracking",
+    "sklearn.datasets", "sklearn.model_selection", "stitchbench.cli", "stitchbench.run.pipeline", "stitchbench.store.connection",
     "stitchbench_plugins.datasets.digits", "stitchbench_plugins.architectures.resnet18",
     "stitchbench_plugins.matchers.dm", "stitchbench_plugins.evaluations.layer_identification",
 ]
@@ -201,7 +201,7 @@ def _child_store(ws: str, barrier, log: str) -> None:
     _child_setup(ws, log)
     if barrier is not None:
         barrier.wait(timeout=120)
-    from stitchbench import tracking
+    from stitchbench.store import connection as tracking
 
     client = tracking.connect(Path(ws))
     exp = tracking.experiment_id(client, "rel", Path(ws))
@@ -590,7 +590,7 @@ def test_ui_on_another_interface_warns_that_it_has_no_authentication(workspace, 
 def test_each_workspace_in_one_process_gets_its_own_store(tmp_path, monkeypatch):
     """mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI; stitchbench must not then
     take it for the user's choice and write a second workspace into the first one's store."""
-    from stitchbench import tracking
+    from stitchbench.store import connection as tracking
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     a, b = tmp_path / "a", tmp_path / "b"

@@ -3,65 +3,34 @@
 from __future__ import annotations
 
 import json
-import textwrap
+from pathlib import Path
 
 import mlflow
 import numpy as np
-import pytest
 
-from .conftest import MEAN_NORM_PLUGIN, cli
+from .conftest import RUN_TINY, cli, client_of
 
-TINY = """
-name: tiny
-dataset: {name: digits}
-networks:
-  architecture: {name: resnet18, params: {width: 4}}
-  count: 2
-  training: {epochs: 2, batch_size: 128, lr: 0.003, augment: false}
-stitching:
-  layers: [0, 3, 7]
-  params:
-    dm: {k: 40}
-    tlm: {epochs: 1, batch_size: 256}
-indices: {n_examples: 120, params: {dm_struct: {k: 40}}}
-"""
-
-PLUGIN = MEAN_NORM_PLUGIN
+# The shared tiny run (tests/conftest.py): two width-4 ResNet-18s on digits, layers 0, 3, 7,
+# every matcher, index and evaluation and the registered third-party index `mean_norm`.
+MEASURES = ("dm", "tlm", "lcka", "pwcca", "opd", "dm_struct", "mean_norm")
 
 
-def _client(ws):
-    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlruns' / 'mlflow.db'}")
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """One workspace with the tiny config run twice."""
-    ws = tmp_path_factory.mktemp("e2e")
-    (ws / "tiny.yaml").write_text(textwrap.dedent(TINY))
-    first = cli("run", "--config", "tiny.yaml", cwd=ws)
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = cli("run", "--config", "tiny.yaml", cwd=ws)
-    assert second.returncode == 0, second.stderr[-3000:]
-    return ws, first, second
-
-
-def test_run_logs_parent_nested_runs_and_registered_models(finished):
-    ws, first, _ = finished
-    client = _client(ws)
+def test_run_logs_parent_nested_runs_and_registered_models(trained_workspace):
+    ws, first = trained_workspace.path, trained_workspace.result
+    client = client_of(ws)
     exp = client.get_experiment_by_name("tiny")
     assert exp is not None and exp.tags.get("mlflow.experimentKind") == "custom_model_development"
     parents = client.search_runs([exp.experiment_id], "tags.`stitchbench.kind` = 'parent'")
-    assert len(parents) == 2 and all(r.info.status == "FINISHED" for r in parents)
-    first_parent = min(parents, key=lambda r: r.info.start_time)
-    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{first_parent.info.run_id}'")
+    assert len(parents) == 1 and all(r.info.status == "FINISHED" for r in parents)
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
     kinds = sorted({c.data.tags["stitchbench.kind"] for c in children})
     assert kinds == ["evaluation", "index_matrix", "network", "stitch_matrix"]
-    assert all(c.info.status == "FINISHED" for c in children)
+    assert all(c.info.status == "FINISHED" and c.data.tags["stitchbench.complete"] == "1" for c in children)
     # 2 networks; per measure 2 intra + 1 inter matrices
     by_plugin = {}
     for c in children:
         by_plugin.setdefault(c.data.tags.get("stitchbench.plugin"), []).append(c)
-    for measure in ("dm", "tlm", "lcka", "pwcca", "opd", "dm_struct"):
+    for measure in MEASURES:
         assert len(by_plugin[measure]) == 3, measure
     models = {m.name for m in client.search_registered_models()}
     assert {"digits-resnet18-w4-seed0", "digits-resnet18-w4-seed1"} <= models
@@ -73,16 +42,22 @@ def test_run_logs_parent_nested_runs_and_registered_models(finished):
                                                                  artifact_path="matrix/values.npy"))
             assert values.shape == (3, 3)
             np.testing.assert_allclose(np.diag(values), 1.0, atol=0.01)
-    artifacts = {a.path for a in client.list_artifacts(by_plugin["tlm"][0].info.run_id, "matrix")}
-    assert {"matrix/values.npy", "matrix/values.csv", "matrix/heatmap.png", "matrix/stitchers.pt"} <= artifacts
+    tlm = next(r for r in by_plugin["tlm"] if r.data.tags["stitchbench.scope"] == "intra")
+    artifacts = {a.path for a in client.list_artifacts(tlm.info.run_id, "matrix")}
+    assert {"matrix/values.npy", "matrix/values.csv", "matrix/heatmap.png", "matrix/stitchers.pt",
+            "matrix/fit_info.json"} <= artifacts
+    # what the matcher reported of each of the 3 x 3 fits is kept with the matrix
+    fit_info = json.loads(Path(client.download_artifacts(tlm.info.run_id, "matrix/fit_info.json")).read_text())
+    assert sorted(fit_info) == sorted(f"{i}_{j}" for i in range(3) for j in range(3))
+    assert all(info["matcher"] == "tlm" and len(info["loss_per_epoch"]) == 1 for info in fit_info.values())
     assert "networks trained 2" in first.stdout
 
 
-def test_second_identical_run_trains_nothing(finished):
-    ws, _, second = finished
+def test_second_identical_run_trains_nothing(rerun_workspace):
+    ws, second = rerun_workspace.path, rerun_workspace.result
     assert "networks trained 0, reused 2" in second.stdout
     assert "matrix jobs computed 0" in second.stdout
-    client = _client(ws)
+    client = client_of(ws)
     for name in ("digits-resnet18-w4-seed0", "digits-resnet18-w4-seed1"):
         assert len(client.search_model_versions(f"name = '{name}'")) == 1
     exp = client.get_experiment_by_name("tiny")
@@ -90,49 +65,43 @@ def test_second_identical_run_trains_nothing(finished):
     assert len(nets) == 2
 
 
-def test_report_reads_table1_back_from_mlflow(finished):
-    ws, _, _ = finished
+def test_report_reads_table1_back_from_mlflow(trained_workspace, cli_here):
+    ws = trained_workspace.path
     p = cli("report", "latest", "--json", cwd=ws)
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout)
     assert {"run_id", "layer_identification", "ood", "ding"} <= set(r)
     li = r["layer_identification"]
     for scope in ("intra", "inter"):
-        for measure in ("dm_func", "tlm", "lcka", "pwcca", "opd", "dm_struct"):
+        for measure in ("dm_func", "tlm", "lcka", "pwcca", "opd", "dm_struct", "mean_norm"):
             assert 0.0 <= li[scope][measure] <= 1.0
     # Self-stitching through DM reproduces each layer, and CKA of a layer with itself is maximal.
     assert li["intra"]["lcka"] == 1.0
-    client = _client(ws)
+    client = client_of(ws)
     parent = client.get_run(r["run_id"])
     assert parent.data.metrics["layer_id.intra.lcka"] == li["intra"]["lcka"]
-    text = cli("report", "latest", cwd=ws)
+    text = cli_here("report", "latest", cwd=ws)
     assert text.returncode == 0 and "Layer identification" in text.stdout and "dm_func" in text.stdout
-    bad = cli("report", "0123456789abcdef", cwd=ws)
+    bad = cli_here("report", "0123456789abcdef", cwd=ws)
     assert bad.returncode == 2 and "no run with id" in bad.stderr
 
 
-def test_registered_third_party_plugin_is_used_by_a_run(finished, tmp_path):
-    ws, _, _ = finished
-    f = tmp_path / "mean_norm.py"
-    f.write_text(PLUGIN)
-    p = cli("plugins", "register", str(f), cwd=ws)
-    assert p.returncode == 0, p.stderr
-    listing = json.loads(cli("plugins", "list", "--json", cwd=ws).stdout)
+def test_a_run_of_one_plugin_reuses_the_networks_and_runs_only_that_plugin(shared_ws, cli_here):
+    ws = shared_ws
+    listing = json.loads(cli_here("plugins", "list", "--json", cwd=ws).stdout)
     assert {"name": "mean_norm", "kind": "similarity_index"}.items() <= next(
         d for d in listing if d["name"] == "mean_norm").items()
-    run = cli("run", "--config", "tiny.yaml", "--plugin", "mean_norm", cwd=ws)
+    run = cli_here(*RUN_TINY, "--plugin", "mean_norm", "--set", "indices.n_examples=90", cwd=ws)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "networks trained 0" in run.stdout
-    client = _client(ws)
+    assert "networks trained 0, reused 2" in run.stdout and "matrix jobs computed 3, reused 0" in run.stdout
+    client = client_of(ws)
     exp = client.get_experiment_by_name("tiny")
-    mats = client.search_runs([exp.experiment_id], "tags.`stitchbench.plugin` = 'mean_norm'")
-    assert len(mats) == 3 and all(m.info.status == "FINISHED" for m in mats)
-    r = json.loads(cli("report", "latest", "--json", cwd=ws).stdout)
+    r = json.loads(cli_here("report", "latest", "--json", cwd=ws).stdout)
     assert set(r["layer_identification"]["intra"]) == {"mean_norm"}
     # the other measures did not run again in that run
-    parent_id = r["run_id"]
-    kids = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    kids = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{r['run_id']}'")
     assert {k.data.tags.get("stitchbench.plugin") for k in kids} == {"mean_norm", "layer_identification"}
+    assert all(k.info.status == "FINISHED" for k in kids)
 
 
 FAILING = '''
@@ -152,19 +121,16 @@ def register_similarity_indices(register):
 '''
 
 
-def test_a_plugin_failing_in_a_job_names_the_plugin_and_the_job(finished, tmp_path):
-    ws, _, _ = finished
+def test_a_plugin_failing_in_a_job_names_the_plugin_and_the_job(shared_ws, tmp_path, cli_here):
+    ws = shared_ws
     f = tmp_path / "exploding.py"
     f.write_text(FAILING)
-    assert cli("plugins", "register", str(f), cwd=ws).returncode == 0
-    try:
-        p = cli("run", "--config", "tiny.yaml", "--plugin", "exploding", cwd=ws)
-    finally:
-        cli("plugins", "unregister", "exploding", cwd=ws)
+    assert cli_here("plugins", "register", str(f), cwd=ws).returncode == 0
+    p = cli_here(*RUN_TINY, "--plugin", "exploding", cwd=ws)
     assert p.returncode == 1
     assert "exploding [intra] digits-resnet18-w4-seed0" in p.stderr and "plugin exploding" in p.stderr
     assert "kaboom in compute" in p.stderr and "Traceback" not in p.stderr
-    client = _client(ws)
+    client = client_of(ws)
     exp = client.get_experiment_by_name("tiny")
     newest = client.search_runs([exp.experiment_id], "tags.`stitchbench.kind` = 'parent'",
                                 order_by=["attributes.start_time DESC"], max_results=1)[0]

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from stitchbench.network import StitchableNetwork
-from stitchbench.stitching import StitchedNetwork, StitchingLayer, frozen, to_rows
+from stitchbench.nn.network import StitchableNetwork
+from stitchbench.nn.stitching import StitchedNetwork, StitchingLayer, frozen, to_rows
 
 
 class TinyConvNet(StitchableNetwork):

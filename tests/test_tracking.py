@@ -6,7 +6,7 @@ import socket
 import time
 
 from stitchbench.cli import main
-from stitchbench.tracking import connect, experiment_id
+from stitchbench.store.connection import connect, experiment_id
 
 
 def _closed_port() -> int:

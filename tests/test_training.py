@@ -10,15 +10,15 @@ import pytest
 import torch
 
 import stitchbench
-from stitchbench.config import TrainingConfig
-from stitchbench.data import LoadedDataset, TensorSplit
 from stitchbench.errors import DivergenceError
-from stitchbench.training import accuracy, train_classifier
+from stitchbench.nn.data import LoadedDataset, TensorSplit
+from stitchbench.nn.training import accuracy, train_classifier
+from stitchbench.run.config import TrainingConfig
 
 SCRIPT = """
 import hashlib, torch, stitchbench
-from stitchbench.config import TrainingConfig
-from stitchbench.training import train_classifier
+from stitchbench.run.config import TrainingConfig
+from stitchbench.nn.training import train_classifier
 ds = stitchbench.get_plugin("digits")
 data = ds.load(ds.Params(), None)
 arch = stitchbench.get_plugin("{arch}")
@@ -36,12 +36,12 @@ print(hashlib.sha256(b"".join(v.numpy().tobytes() for v in net.state_dict().valu
 ])
 def test_training_is_deterministic_across_processes(arch, params):
     code = SCRIPT.format(arch=arch, params=params)
-    hashes = {
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                       env={"STITCHBENCH_PROGRESS": "off", "PATH": ""}).stdout.strip()
-        for _ in range(2)
-    }
-    assert len(hashes) == 1
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={"STITCHBENCH_PROGRESS": "off", "PATH": ""}) for _ in range(2)]  # at once
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    hashes = {out.strip() for out, _ in outs}
+    assert len(hashes) == 1 and all(len(h) == 64 for h in hashes)
 
 
 def test_non_finite_loss_stops_training_with_a_clear_message():

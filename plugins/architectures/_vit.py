@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from stitchbench.network import StitchableNetwork
+from stitchbench import StitchableNetwork
 
 
 class TokenStem(nn.Module):

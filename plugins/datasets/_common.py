@@ -16,7 +16,7 @@ from stitchbench import DatasetPlugin, Params, UsageError
 if TYPE_CHECKING:
     import numpy as np
 
-    from stitchbench.data import TensorSplit
+    from stitchbench import TensorSplit
 
 
 class SplitLimits(Params):
@@ -66,7 +66,7 @@ def uint8_split(
     import numpy as np
     import torch
 
-    from stitchbench.data import TensorSplit
+    from stitchbench import TensorSplit
 
     if images.dtype != np.uint8:
         raise UsageError(f"{source}: expected uint8 pixels, got {images.dtype}")

@@ -23,7 +23,7 @@ from ._common import SplitLimits, missing_error, require_data_dir, uint8_split, 
 if TYPE_CHECKING:
     import numpy as np
 
-    from stitchbench.data import LoadedDataset, TensorSplit
+    from stitchbench import LoadedDataset, TensorSplit
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -84,7 +84,7 @@ class Cifar10(DatasetPlugin):
         self, params: Params | dict | None, data_dir: Path | None, download: bool = False
     ) -> LoadedDataset:
         """Read both splits into memory (about 600 MB of float32 for the full set)."""
-        from stitchbench.data import LoadedDataset, random_crop_flip
+        from stitchbench import LoadedDataset, random_crop_flip
 
         p = validated(self, params)
         root = require_data_dir(self, data_dir, f"{FOLDER}/, or add --download to fetch it there (170 MB)")

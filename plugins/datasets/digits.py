@@ -17,7 +17,7 @@ from stitchbench import DatasetInfo, DatasetPlugin, Params
 from ._common import validated
 
 if TYPE_CHECKING:
-    from stitchbench.data import LoadedDataset
+    from stitchbench import LoadedDataset
 
 
 class Digits(DatasetPlugin):
@@ -54,7 +54,7 @@ class Digits(DatasetPlugin):
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
 
-        from stitchbench.data import LoadedDataset, TensorSplit
+        from stitchbench import LoadedDataset, TensorSplit
 
         p = validated(self, params)
         bunch = load_digits()

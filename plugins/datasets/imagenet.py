@@ -20,7 +20,7 @@ from ._common import missing_error, require_data_dir, validated
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
-    from stitchbench.data import LoadedDataset
+    from stitchbench import LoadedDataset
 
 #: Per-channel mean and standard deviation of ImageNet's training images (RGB, [0, 1] scale).
 MEAN = (0.485, 0.456, 0.406)
@@ -91,7 +91,7 @@ class ImageNet(DatasetPlugin):
         """Index the two folders (the images are read lazily, per item)."""
         from torchvision import datasets, transforms
 
-        from stitchbench.data import LoadedDataset
+        from stitchbench import LoadedDataset
 
         p = validated(self, params)
         data_dir = require_data_dir(self, data_dir, "imagenet/train/ and imagenet/val/ (ImageFolder layout)")

@@ -20,7 +20,7 @@ from ._common import validated
 if TYPE_CHECKING:
     import torch
 
-    from stitchbench.data import LoadedDataset
+    from stitchbench import LoadedDataset
 
 Kind = Literal["uniform", "gaussian", "rademacher", "smooth", "blobs"]
 KINDS: tuple[Kind, ...] = ("uniform", "gaussian", "rademacher", "smooth", "blobs")
@@ -99,7 +99,7 @@ class Noise(DatasetPlugin):
         """Generate both splits (``data_dir`` and ``download`` are ignored)."""
         import torch
 
-        from stitchbench.data import LoadedDataset, TensorSplit
+        from stitchbench import LoadedDataset, TensorSplit
 
         p = validated(self, params)
         shape = tuple(p.image_shape)

@@ -20,7 +20,7 @@ from ._common import SplitLimits, missing_error, require_data_dir, uint8_split, 
 if TYPE_CHECKING:
     import numpy as np
 
-    from stitchbench.data import LoadedDataset, TensorSplit
+    from stitchbench import LoadedDataset, TensorSplit
 
 FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
 
@@ -68,7 +68,7 @@ class Svhn(DatasetPlugin):
         self, params: Params | dict | None, data_dir: Path | None, download: bool = False
     ) -> LoadedDataset:
         """Read both splits into memory (about 1.2 GB of float32 for the full set)."""
-        from stitchbench.data import LoadedDataset, random_crop_flip
+        from stitchbench import LoadedDataset, random_crop_flip
 
         p = validated(self, params)
         root = require_data_dir(self, data_dir, "train_32x32.mat and test_32x32.mat, or add --download")

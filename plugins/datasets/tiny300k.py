@@ -19,7 +19,7 @@ from stitchbench import DatasetPlugin, Params, UsageError
 from ._common import missing_error, require_data_dir, uint8_split, validated
 
 if TYPE_CHECKING:
-    from stitchbench.data import LoadedDataset
+    from stitchbench import LoadedDataset
 
 FILE = "300K_random_images.npy"
 URL = "https://people.eecs.berkeley.edu/~hendrycks/300K_random_images.npy"
@@ -54,7 +54,7 @@ class Tiny300k(DatasetPlugin):
         """Read the two subsets into memory (12 KB of float32 per image)."""
         import numpy as np
 
-        from stitchbench.data import LoadedDataset
+        from stitchbench import LoadedDataset
 
         p = validated(self, params)
         root = require_data_dir(self, data_dir, f"{FILE} (download it from {URL})")

@@ -12,12 +12,17 @@ Activations come as (n, p) matrices, conv feature maps (n, C, H, W) or token seq
 
 The *arrangement* (an index parameter) picks the layouts of a pair:
 
-* ``"reference"``: what the paper's code does (REFERENCE.md). LCKA flattens. PWCCA and OPD
+* ``"reference"``: what the paper's code does (szegedai/stitching-ood, ``resize_for_cca2``
+  in ``nn_stitching/utils/representational_similarity/__init__.py``). LCKA flattens. PWCCA and OPD
   use ``positions`` for conv pairs of equal shape (C, H, W) and for token pairs with equal
   token counts T, and ``pooled`` otherwise. So whether a pair is compared per position
   or pooled depends on the *pair*, not on the layer.
 * ``"pooled"``: ``pooled`` for every conv or token input, whatever the other one is.
 * ``"flatten"``: ``flatten`` for every conv or token input.
+* ``"positions"``: ``positions`` for every conv or token input; the two must have as many
+  positions (H·W) or tokens (T) per example, whatever their channels. The reference rule
+  for a pair of equal shapes, also for a layer and its rank-r coordinates (the same layer
+  with fewer columns, as Ding et al.'s sensitivity test compares them).
 
 A 2-D input is always used as it is (it can be neither pooled nor split into positions);
 a pair of a 3-D and a 4-D input is pooled under ``"reference"``.
@@ -35,8 +40,8 @@ import numpy as np
 
 from ._linalg import as_array, check_same_examples, to_float64
 
-Arrangement = Literal["reference", "pooled", "flatten"]
-ARRANGEMENTS = ("reference", "pooled", "flatten")
+Arrangement = Literal["reference", "pooled", "flatten", "positions"]
+ARRANGEMENTS = ("reference", "pooled", "flatten", "positions")
 #: How an index family reads ``"reference"``: LCKA flattens (Kornblith et al.'s code);
 #: PWCCA and OPD follow Ding et al.'s per-position-or-pooled rule.
 FAMILIES = ("cka", "cca")
@@ -56,6 +61,11 @@ def _check_ndim(shape: tuple[int, ...], label: str) -> None:
         )
 
 
+def _positions(shape: tuple[int, ...]) -> int:
+    """Rows per example in the ``positions`` layout: H·W of (n, C, H, W), T of (n, T, D)."""
+    return shape[2] * shape[3] if len(shape) == 4 else shape[1]
+
+
 def pair_layouts(shape_a: tuple[int, ...], shape_b: tuple[int, ...], arrangement: str,
                  family: str) -> tuple[str, str]:
     """The layouts of A and B under ``arrangement`` for an index of ``family``."""
@@ -73,6 +83,13 @@ def pair_layouts(shape_a: tuple[int, ...], shape_b: tuple[int, ...], arrangement
         return each("flatten")
     if arrangement == "pooled":
         return each("pooled")
+    if arrangement == "positions":
+        if len(shape_a) == 2 or len(shape_b) == 2 or _positions(shape_a) != _positions(shape_b):
+            raise ValueError(
+                f"arrangement 'positions' needs conv or token activations with as many positions (or tokens) "
+                f"per example on both sides, got shapes {shape_a} and {shape_b}"
+            )
+        return "positions", "positions"
     # reference, PWCCA/OPD (Ding et al.; the paper's `resize_for_cca2`)
     if len(shape_a) == len(shape_b) == 4 and shape_a[1:] == shape_b[1:]:
         return "positions", "positions"

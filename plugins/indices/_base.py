@@ -27,8 +27,9 @@ class IndexParams(Params):
     """Parameters every bundled pairwise index has."""
 
     #: "reference": the paper's code (LCKA flattens; PWCCA/OPD per position when the two
-    #: shapes match, else pooled). "pooled" / "flatten": one layout for every pair.
-    arrangement: Literal["reference", "pooled", "flatten"] = "reference"
+    #: shapes match, else pooled). "pooled" / "flatten" / "positions": one layout for every
+    #: pair ("positions" needs as many positions or tokens per example on both sides).
+    arrangement: Literal["reference", "pooled", "flatten", "positions"] = "reference"
     #: float64 elements per streamed block (memory of one block: 8 bytes each).
     block_elements: int = Field(DEFAULT_BLOCK_ELEMENTS, ge=1024)
 

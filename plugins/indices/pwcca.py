@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 import stitchbench
 
@@ -38,12 +38,19 @@ class PWCCA(PairwiseIndex):
         α_i = Σ_j |⟨h_i, a_j⟩|   (a_j: the j-th centred column of A)
         pwcca(A, B) = 1 − Σ_{i<=k} α_i ρ_i / Σ_{i<=k} α_i
 
-    The p1 > p2 rule: only the k = min(p1, p2) canonical directions of A that have a
-    partner in B carry weight. (Ding et al.'s code also weights the p1 − p2 further
-    directions, with correlation 0 in the numerator but their weights in the denominator;
-    those directions are an arbitrary basis of a null space picked by the SVD routine, so
-    their weights, and the result, depend on the implementation.) For p1 <= p2 the two
-    agree.
+    The p1 > p2 rule (``convention="matched"``, the default): only the k = min(p1, p2)
+    canonical directions of A that have a partner in B carry weight. For p1 <= p2 the two
+    conventions agree.
+
+    ``convention="ding"``: Ding et al.'s ``pwcca_dist`` (js-d/sim_metric). All of A's
+    canonical directions carry weight: the p1 − p2 that have no partner in B enter the
+    denominator with their weights and the numerator with correlation 0. Those directions
+    span a null space in which any orthonormal basis is a valid set of canonical variates;
+    this implementation takes the eigenbasis of Σ_j (P a_j)(P a_j)ᵀ (P the projection on
+    them), which makes the result deterministic. Each side is whitened on its numerical
+    column space (eigenvalues of its correlation matrix above 1/MAX_CONDITION of the
+    largest) instead of being refused, so a rank-r side (e.g. a low-rank approximation of
+    a layer, as in Ding et al.'s sensitivity test) has r canonical directions.
 
     Arrangement: ``"reference"`` (default, the paper's code): conv pairs of equal shape
     (C, H, W) per position, (n·H·W, C); token pairs with equal token counts per token,
@@ -77,6 +84,15 @@ class PWCCA(PairwiseIndex):
         reduce_to: int | None = Field(None, ge=1)
         #: Columns constant over the rows: "drop" them (documented rule) or "raise".
         constant_columns: Literal["drop", "raise"] = "drop"
+        #: "matched": weights over the min(p1, p2) matched directions; full-rank sides only.
+        #: "ding": Ding et al.'s weights over all of A's directions; rank-deficient sides allowed.
+        convention: Literal["matched", "ding"] = "matched"
+
+        @model_validator(mode="after")
+        def _ding_has_no_reduction(self) -> Any:
+            if self.convention == "ding" and self.reduce_to is not None:
+                raise ValueError("convention 'ding' takes the sides as they are: leave reduce_to unset")
+            return self
 
     # -- public extras ----------------------------------------------------------------
     def canonical(self, A: Any, B: Any) -> CCAResult:
@@ -90,6 +106,9 @@ class PWCCA(PairwiseIndex):
         return self._result(sa, sb, p).distance
 
     def _result(self, sa: LayerStatistics, sb: LayerStatistics, p: Any) -> CCAResult:
+        if p.convention == "ding":
+            return _pwcca_ding(sa.covariance(), sb.covariance(), centred_cross(sa, sb), sa.rows,
+                               (sa.label, sb.label))
         _check_rows(sa.rows, sa.cols, sb.cols, p.reduce_to,
                     lambda: f"{sa.source.describe()}; {sb.source.describe()}")
         side_a, side_b = self._side(sa, p), self._side(sb, p)
@@ -97,6 +116,8 @@ class PWCCA(PairwiseIndex):
         return _pwcca(cab, side_a, side_b)
 
     def _streamed(self, sa: LayerStatistics, sb: LayerStatistics, p: Any) -> tuple[bool, bool]:
+        if p.convention == "ding":
+            return True, True
         r = p.reduce_to
         for s in (sa, sb):
             q = s.cols if r is None else min(s.cols, r)
@@ -118,6 +139,9 @@ class PWCCA(PairwiseIndex):
 
     def from_moments(self, acc: CrossMoments, params: Any = None) -> float:
         p = self._resolve(params)
+        if p.convention == "ding":
+            return _pwcca_ding(acc.comoment(0, 0), acc.comoment(1, 1), acc.comoment(0, 1), acc.n,
+                               acc.labels).distance
         cols = [acc.comoment(i, i).shape[0] for i in (0, 1)]
         _check_rows(acc.n, cols[0], cols[1], p.reduce_to,
                     lambda: f"A arranged as ({acc.n}, {cols[0]}); B arranged as ({acc.n}, {cols[1]})")
@@ -132,8 +156,9 @@ class PWCCA(PairwiseIndex):
 
 @dataclass
 class CCAResult:
-    """``distance`` = 1 − Σα_iρ_i/Σα_i; ``rho``: the k canonical correlations (descending);
-    ``alpha``: the projection weights of A's k canonical variates (not normalised)."""
+    """``distance`` = 1 − Σα_iρ_i/Σα_i; ``rho``: the canonical correlations (descending;
+    under ``convention="ding"`` padded with zeros for A's unmatched directions); ``alpha``:
+    the projection weights of A's canonical variates (not normalised)."""
 
     distance: float
     rho: np.ndarray
@@ -246,6 +271,44 @@ def _pwcca(cab: np.ndarray, a: _Side, b: _Side) -> CCAResult:
     u, rho, _ = np.linalg.svd(a.white.T @ cab @ b.white, full_matrices=False)
     alpha = np.abs(a.cov_white @ u).sum(axis=0)
     return CCAResult(float(1.0 - alpha @ rho / alpha.sum()), rho, alpha)
+
+
+def _pwcca_ding(saa: np.ndarray, sbb: np.ndarray, sab: np.ndarray, rows: int,
+                labels: Any) -> CCAResult:
+    """``convention="ding"`` from the centred cross-products AᶜᵀAᶜ, BᶜᵀBᶜ and AᶜᵀBᶜ."""
+    wa = _range_whitening(saa)
+    wb = _range_whitening(sbb)
+    if wa.shape[1] == 0 or wb.shape[1] == 0:
+        raise ValueError(f"pwcca: {labels[0] if wa.shape[1] == 0 else labels[1]} is constant over the rows")
+    if rows <= max(wa.shape[1], wb.shape[1]):
+        raise ValueError(
+            f"pwcca needs more rows than (effective) columns on each side: {rows} rows, ranks "
+            f"{wa.shape[1]} ({labels[0]}) and {wb.shape[1]} ({labels[1]})"
+        )
+    u, rho, _ = np.linalg.svd(wa.T @ sab @ wb, full_matrices=True)
+    k = len(rho)
+    g = saa @ wa  # column i of g @ u: <h_i, a_j> over the neurons j of A
+    if u.shape[1] > k:  # A's unmatched directions, in a deterministic basis
+        comp = u[:, k:]
+        proj = g @ comp
+        _, rot = np.linalg.eigh(proj.T @ proj)
+        u = np.concatenate([u[:, :k], comp @ rot[:, ::-1]], axis=1)
+    alpha = np.abs(g @ u).sum(axis=0)
+    rho_all = np.concatenate([rho, np.zeros(u.shape[1] - k)])
+    return CCAResult(float(1.0 - alpha @ rho_all / alpha.sum()), rho_all, alpha)
+
+
+def _range_whitening(cov: np.ndarray) -> np.ndarray:
+    """W (p, k) with Wᵀ Σ W = I on Σ's numerical range: from the eigendecomposition of the
+    correlation matrix of the columns of nonzero variance, eigenvalues above
+    1/MAX_CONDITION of the largest."""
+    d = np.diag(cov).copy()
+    live = d > 0
+    inv = np.zeros_like(d)
+    inv[live] = 1.0 / np.sqrt(d[live])
+    lam, vec = np.linalg.eigh(cov * inv[:, None] * inv[None, :])
+    keep = lam > lam[-1] / MAX_CONDITION
+    return (inv[:, None] * vec[:, keep]) / np.sqrt(lam[keep])
 
 
 @stitchbench.hookimpl

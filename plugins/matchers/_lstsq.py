@@ -39,7 +39,8 @@ Cut-offs (``rcond`` is always relative to a *singular value*, never to an eigenv
   are treated as zero; default ``rcond = sqrt(eps * max(n, p))``, because the Gram's
   eigenvalues carry absolute errors of order ``eps·λ_max``.
 
-Low-rank approximation (REFERENCE.md, "Low-rank approximation"): the rank-r approximation
+Low-rank approximation (the authors' ``low_rank_approx``, szegedai/stitching-ood
+``nn_stitching/utils/low_rank/low_rank.py``): the rank-r approximation
 of the centred rows, ``X_r = mean + (X − mean) V_r V_rᵀ`` with ``V_r`` the r leading right
 singular vectors, is a linear map of the columns of ``[1, X]``. It is therefore applied to
 the accumulated factor, not to the rows: no second pass over the data is needed, and the
@@ -51,8 +52,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from stitchbench.lowrank import LowRankProjection  # noqa: F401 - re-exported for the dm plugin
 
 _EPS = torch.finfo(torch.float64).eps
 

@@ -24,7 +24,7 @@ from stitchbench import Cost, DatasetInfo, Matcher, Params
 if TYPE_CHECKING:
     import torch
 
-    from stitchbench.stitching import StitchingLayer, StitchingProblem
+    from stitchbench import StitchingLayer, StitchingProblem
 
     from ._lstsq import LeastSquaresFit
 
@@ -107,7 +107,7 @@ class DirectMatching(Matcher):
                 _feed(acc, layer, X, Y, params.batch_size)
             else:
                 if params.k == "all":
-                    from stitchbench.data import iterate_batches
+                    from stitchbench import iterate_batches
 
                     # A sum over every training image does not depend on the order.
                     batches = (x for x, _ in iterate_batches(problem.data.train, params.batch_size))
@@ -148,7 +148,7 @@ class DirectMatching(Matcher):
         """
         import torch
 
-        from stitchbench.stitching import StitchingLayer
+        from stitchbench import StitchingLayer
 
         params = self.Params.model_validate(params if params is not None else {})
         X = torch.as_tensor(X)
@@ -203,7 +203,7 @@ def _feed(acc, layer: StitchingLayer, X: torch.Tensor, Y: torch.Tensor, batch_si
     """
     import torch
 
-    from stitchbench.stitching import to_rows
+    from stitchbench import to_rows
 
     for start in range(0, X.shape[0], batch_size):
         x = X[start : start + batch_size].to(torch.float64)
@@ -219,7 +219,7 @@ def _install(layer: StitchingLayer, fit: LeastSquaresFit, params: Params, *, k: 
     """Set the solved map (and the fixed low-rank projection, if any) on ``layer``."""
     layer.set_affine(fit.weight, fit.bias)
     if fit.projection is not None:
-        from ._lstsq import LowRankProjection
+        from stitchbench import LowRankProjection
 
         mean, basis = fit.projection
         layer.source_transform = LowRankProjection(mean, basis).to(layer.affine.weight.device)
@@ -238,7 +238,7 @@ def _install(layer: StitchingLayer, fit: LeastSquaresFit, params: Params, *, k: 
 
 
 def _progress(it, total: int, desc: str):
-    from stitchbench.progress import progress_bar
+    from stitchbench import progress_bar
 
     return progress_bar(iterable=it, total=total, desc=desc, unit="batch")
 

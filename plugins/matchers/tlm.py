@@ -30,7 +30,7 @@ from .dm import DirectMatching, eval_mode
 if TYPE_CHECKING:
     import torch
 
-    from stitchbench.stitching import StitchingLayer, StitchingProblem
+    from stitchbench import StitchingLayer, StitchingProblem
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class TaskLossMatching(Matcher):
     def _fit_group(self, problems: list[StitchingProblem], nets: list[Any], params: Params) -> list[StitchingLayer]:
         import torch
 
-        from stitchbench.stitching import frozen
+        from stitchbench import frozen
 
         first = problems[0]
         if params.precision == "float16" and torch.device(first.device).type != "cuda":
@@ -144,9 +144,6 @@ class TaskLossMatching(Matcher):
                     seconds.append(time.perf_counter() - started)
                     last = cells[-1]
                     epochs.set_postfix(loss=f"{last.losses[-1]:.4f}", acc=f"{last.accuracies[-1]:.3f}")
-                    if first.progress is not None:
-                        losses = " ".join(f"{c.losses[-1]:.4f}" for c in cells)
-                        first.progress(f"tlm {what} epoch {epoch + 1}/{params.epochs} loss {losses}")
         finally:
             for cell in cells:
                 cell.finish()
@@ -231,7 +228,7 @@ class _Cell:
         self.count += y.shape[0]
 
     def end_epoch(self, epoch: int, params: TaskLossMatching.Params) -> None:
-        from stitchbench.errors import DivergenceError
+        from stitchbench import DivergenceError
 
         mean_loss = float(self.total) / max(self.count, 1)  # a non-finite step makes the sum non-finite
         p = self.problem
@@ -290,7 +287,7 @@ def _source_cache(problem: StitchingProblem, batch_size: int) -> tuple[torch.Ten
     """Source activations and labels of the whole (unaugmented) training split, in split order."""
     import torch
 
-    from stitchbench.data import iterate_batches
+    from stitchbench import iterate_batches
 
     hs, ys = [], []
     with torch.no_grad():
@@ -312,7 +309,7 @@ def _cached_batches(h: torch.Tensor, y: torch.Tensor, batch_size: int, generator
 
 
 def _progress(it, desc: str):
-    from stitchbench.progress import progress_bar
+    from stitchbench import progress_bar
 
     return progress_bar(iterable=it, desc=desc, unit="epoch")
 

@@ -1,0 +1,305 @@
+"""From a validated configuration and the loaded plugins to a plan: the networks, the
+layers, and the jobs with their keys. Every name and parameter is checked here, before
+any heavy work, with errors that give the config path and the known names."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from ..errors import ConfigError, UsageError
+from ..execution.executors import require_ray
+from ..plugin.manager import PluginSet
+from ..plugin.types import KINDS, Plugin
+from .config import RunConfig, format_validation_error
+from .keys import job_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PluginUse:
+    """A plugin chosen for the run, with its validated params."""
+
+    name: str
+    obj: Plugin
+    params: Any
+
+    def params_dict(self) -> dict[str, Any]:
+        return self.params.model_dump(mode="json") if hasattr(self.params, "model_dump") else {}
+
+
+@dataclass
+class NetworkSpec:
+    position: int
+    seed: int
+    model_name: str
+    key: str
+
+
+@dataclass
+class MatrixJob:
+    kind: str  # "stitch_matrix" | "index_matrix"
+    plugin: PluginUse
+    source: NetworkSpec
+    target: NetworkSpec
+    scope: str  # "intra" | "inter"
+    key: str
+
+    @property
+    def label(self) -> str:
+        arrow = self.source.model_name if self.scope == "intra" else f"{self.source.model_name} -> {self.target.model_name}"
+        return f"{self.plugin.name} [{self.scope}] {arrow}"
+
+
+@dataclass
+class Plan:
+    config: RunConfig
+    dataset: PluginUse
+    architecture: PluginUse
+    data: Any  # LoadedDataset (None for a plan made without loading data)
+    networks: list[NetworkSpec]
+    layers: list[str]
+    layer_shapes: dict[str, tuple[int, ...]]
+    matchers: list[PluginUse]
+    indices: list[PluginUse]
+    evaluations: list[PluginUse]
+    jobs: list[MatrixJob] = field(default_factory=list)
+    dataset_key: str = ""
+    info: Any = None  # DatasetInfo of a plan made without loading data (None: unknown, or data loaded)
+
+    def describe(self) -> str:
+        cfg = self.config
+        lines = [
+            f"experiment: {cfg.name}",
+            f"dataset:    {self.dataset.name} {self.dataset.params_dict() or ''}".rstrip(),
+            f"networks:   {len(self.networks)} x {self.architecture.name} {self.architecture.params_dict()}",
+        ]
+        for n in self.networks:
+            lines.append(f"  - {n.model_name}  (seed {n.seed}, key {n.key})")
+        lines.append(f"layers:     {len(self.layers)}: " + ", ".join(self.layers))
+        lines.append("matchers:   " + (", ".join(m.name for m in self.matchers) or "(none)"))
+        lines.append("indices:    " + (", ".join(i.name for i in self.indices) or "(none)"))
+        lines.append("evaluations: " + (", ".join(e.name for e in self.evaluations) or "(none)"))
+        n_cells = len(self.layers) ** 2
+        lines.append(f"jobs:       {len(self.networks)} network(s), {len(self.jobs)} matrix job(s)"
+                     f" ({sum(j.kind == 'stitch_matrix' for j in self.jobs) * n_cells} stitchers)")
+        for j in self.jobs:
+            lines.append(f"  - {j.kind:13} {j.label}  (key {j.key})")
+        lines.append(f"device:     {cfg.device}")
+        lines.append(f"executor:   {describe_executor(cfg.executor)}")
+        return "\n".join(lines)
+
+
+def describe_executor(ex: Any) -> str:
+    """One line for an `ExecutorConfig`."""
+    if ex.name == "local":
+        return "local (this process, one job at a time)"
+    where = f"cluster at {ex.ray_address}" if ex.ray_address else (
+        f"local cluster, {ex.num_cpus} CPUs" if ex.num_cpus else "local cluster")
+    gpus = "1 GPU on cuda" if ex.gpus_per_task is None else f"{ex.gpus_per_task:g} GPU"
+    return f"ray ({where}; each job {ex.cpus_per_task:g} CPU, {gpus})"
+
+
+def _validate_params(use_name: str, obj: Plugin, raw: dict[str, Any], path: str) -> Any:
+    try:
+        return obj.Params.model_validate(raw or {})
+    except ValidationError as e:
+        raise ConfigError(f"invalid parameters for {obj.kind.replace('_', ' ')} {use_name!r}:\n"
+                          + format_validation_error(e, prefix=f"{path}.")) from None
+
+
+def apply_plugin_selection(cfg: RunConfig, plugins: PluginSet, selected: list[str]) -> tuple[RunConfig, bool]:
+    """Apply ``--plugin NAME`` options; returns the new config and whether a selection of
+    matchers / indices / evaluations was made."""
+    if not selected:
+        return cfg, False
+    data = cfg.model_dump()
+    chosen: dict[str, list[str]] = {k: [] for k in KINDS}
+    for name in selected:
+        info = plugins.infos.get(name)
+        if info is None:
+            plugins.get(name)  # raises a UsageError listing every known plugin
+        chosen[info.kind].append(name)
+    for kind in ("dataset", "architecture"):
+        if len(chosen[kind]) > 1:
+            raise UsageError(f"--plugin names {len(chosen[kind])} {kind}s ({', '.join(chosen[kind])}); name one")
+    if chosen["dataset"] and chosen["dataset"][0] != cfg.dataset.name:
+        data["dataset"] = {"name": chosen["dataset"][0], "params": {}}
+    if chosen["architecture"] and chosen["architecture"][0] != cfg.networks.architecture.name:
+        data["networks"]["architecture"] = {"name": chosen["architecture"][0], "params": {}}
+    selection = bool(chosen["matcher"] or chosen["similarity_index"] or chosen["evaluation"])
+    if selection:
+        data["stitching"]["matchers"] = chosen["matcher"]
+        data["indices"]["names"] = chosen["similarity_index"]
+        data["evaluations"]["names"] = chosen["evaluation"]
+    return RunConfig.model_validate(data), selection
+
+
+def make_plan(
+    cfg: RunConfig,
+    plugins: PluginSet,
+    *,
+    selected: list[str] | None = None,
+    load_data: bool = True,
+    workspace: Path | None = None,
+) -> Plan:
+    cfg, selection = apply_plugin_selection(cfg, plugins, selected or [])
+    if cfg.executor.name == "ray":
+        require_ray()  # before any data is loaded
+
+    ds_obj = plugins.get(cfg.dataset.name, "dataset")
+    if getattr(ds_obj, "auxiliary", False):
+        raise UsageError(
+            f"dataset.name: {cfg.dataset.name!r} is an auxiliary out-of-distribution set without class labels; "
+            "choose a labelled data set (" + ", ".join(
+                n for n in plugins.names("dataset") if not getattr(plugins.objects[n], "auxiliary", False)) + ")"
+        )
+    dataset = PluginUse(cfg.dataset.name, ds_obj, _validate_params(cfg.dataset.name, ds_obj, cfg.dataset.params, "dataset.params"))
+    arch_obj = plugins.get(cfg.networks.architecture.name, "architecture")
+    arch = PluginUse(arch_obj.name, arch_obj, _validate_params(
+        arch_obj.name, arch_obj, cfg.networks.architecture.params, "networks.architecture.params"))
+
+    data_dir = Path(cfg.data_dir).expanduser() if cfg.data_dir else None
+    if load_data and getattr(ds_obj, "needs_data_dir", False) and data_dir is None:
+        raise UsageError(
+            f"dataset {cfg.dataset.name!r} is read from disk: pass --data-dir DIR (the directory holding it"
+            + (", or add --download to fetch it there)" if getattr(ds_obj, "downloadable", False) else ")")
+        )
+    if data_dir is not None and not data_dir.exists():
+        raise UsageError(f"--data-dir {data_dir} does not exist")
+
+    data = ds_obj.load(dataset.params, data_dir, cfg.download) if load_data else None
+    # Without the data (a dry run), what the plugin knows of it without reading it.
+    info = None if data is not None else ds_obj.info(dataset.params)
+
+    # Names and shapes of the layers come from one throwaway instance of the architecture.
+    if data is not None or info is not None:
+        import torch
+
+        num_classes, image_shape = (
+            (data.num_classes, tuple(data.image_shape)) if data is not None else (info.num_classes, info.image_shape))
+        torch.manual_seed(0)
+        probe = arch_obj.build(arch.params, num_classes, image_shape)
+        all_layers = list(probe.layer_names)
+        shapes = probe.layer_shapes(image_shape)
+        del probe
+    else:
+        all_layers, shapes = [], {}
+    layers = resolve_layers(cfg.stitching.layers, all_layers, arch_obj.name) if all_layers else []
+
+    matchers = _uses(plugins, "matcher", cfg.stitching.matchers, cfg.stitching.params, "stitching")
+    indices = _uses(plugins, "similarity_index", cfg.indices.names, cfg.indices.params, "indices")
+    ev_names = cfg.evaluations.names
+    if ev_names is None:
+        ev_names = plugins.names("evaluation")
+    elif selection and (matchers or indices):
+        ev_names = list(ev_names) + [
+            n for n in plugins.names("evaluation")
+            if getattr(plugins.objects[n], "summarises_matrices", False) and n not in ev_names
+        ]
+    evaluations = _uses(plugins, "evaluation", ev_names, cfg.evaluations.params, "evaluations")
+    # What the evaluations need that is not already in the run.
+    have = {u.name for u in matchers + indices}
+    for ev in list(evaluations):
+        for need in getattr(ev.obj, "requires", ()):
+            if need in have:
+                continue
+            obj = plugins.get(need)
+            if obj.kind == "matcher":
+                matchers += _uses(plugins, "matcher", [need], cfg.stitching.params, "stitching")
+            elif obj.kind == "similarity_index":
+                indices += _uses(plugins, "similarity_index", [need], cfg.indices.params, "indices")
+            have.add(need)
+    # An evaluation with nothing to summarise is dropped (e.g. --plugin on a dataset only).
+    if not matchers and not indices:
+        evaluations = [e for e in evaluations if not getattr(e.obj, "summarises_matrices", False)]
+
+    dataset_key = job_key("dataset", name=dataset.name, params=dataset.params_dict())
+    networks = []
+    for pos, seed in enumerate(cfg.networks.seed_list()):
+        key = job_key(
+            "network",
+            dataset=dataset_key,
+            architecture=arch.name,
+            arch_params=arch.params_dict(),
+            training=cfg.networks.training.model_dump(mode="json"),
+            seed=seed,
+        )
+        model_name = f"{dataset.name}-{arch_obj.tag(arch.params)}-seed{seed}"
+        networks.append(NetworkSpec(pos, seed, model_name, key))
+    if len({n.seed for n in networks}) != len(networks):
+        raise ConfigError("networks.seeds: seeds must be distinct (two networks with one seed are the same network)")
+
+    plan = Plan(cfg, dataset, arch, data, networks, layers, shapes, matchers, indices, evaluations,
+                dataset_key=dataset_key, info=info)
+    plan.jobs = _jobs(plan)
+    return plan
+
+
+def resolve_layers(wanted: list[int | str] | None, all_layers: list[str], arch: str) -> list[str]:
+    if wanted is None:
+        return list(all_layers)
+    n = len(all_layers)
+    out = []
+    for w in wanted:
+        if isinstance(w, int):
+            if not 0 <= w < n:
+                raise ConfigError(
+                    f"stitching.layers: layer {w} is out of range: {arch} has {n} stitchable layers "
+                    f"(0..{n - 1}: {', '.join(all_layers)})"
+                )
+            out.append(all_layers[w])
+        else:
+            if w not in all_layers:
+                raise ConfigError(f"stitching.layers: unknown layer {w!r}; {arch}'s layers are {', '.join(all_layers)}")
+            out.append(w)
+    if len(set(out)) != len(out):
+        raise ConfigError("stitching.layers: a layer is listed twice")
+    return out
+
+
+def _uses(plugins: PluginSet, kind: str, names: list[str] | None, params: dict[str, dict], section: str) -> list[PluginUse]:
+    if names is None:
+        names = plugins.names(kind)
+    for pname in params:
+        if pname not in plugins.infos:
+            plugins.get(pname, kind)  # unknown: raises with the known names
+    uses = []
+    for name in names:
+        obj = plugins.get(name, kind)
+        uses.append(PluginUse(name, obj, _validate_params(name, obj, params.get(name, {}), f"{section}.params.{name}")))
+    return uses
+
+
+def _jobs(plan: Plan) -> list[MatrixJob]:
+    cfg = plan.config
+    nets = plan.networks
+    pairs: list[tuple[NetworkSpec, NetworkSpec, str]] = []
+    if cfg.stitching.intra:
+        pairs += [(n, n, "intra") for n in nets]
+    if cfg.stitching.inter != "none":
+        for a in range(len(nets)):
+            for b in range(len(nets)):
+                if a < b or (a > b and cfg.stitching.inter == "both_directions"):
+                    pairs.append((nets[a], nets[b], "inter"))
+    jobs = []
+    for kind, uses in (("stitch_matrix", plan.matchers), ("index_matrix", plan.indices)):
+        for use in uses:
+            for src, tgt, scope in pairs:
+                key = job_key(
+                    kind,
+                    plugin=use.name,
+                    params=use.params_dict(),
+                    source=src.key,
+                    target=tgt.key,
+                    layers=plan.layers,
+                    seed=cfg.seed,
+                    n_examples=cfg.indices.n_examples if kind == "index_matrix" else None,
+                )
+                jobs.append(MatrixJob(kind, use, src, tgt, scope, key))
+    return jobs
