@@ -19,8 +19,9 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/stitchbench run
 
+# The tests on every core (pytest-xdist); the shared trained workspace is made once.
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks --benchmark-only -s

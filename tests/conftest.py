@@ -159,23 +159,112 @@ class FinishedRun:
         return self.result.stdout.split("run ", 1)[1].split()[0]
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m have deselected what will not run
+def pytest_collection_modifyitems(session, config, items):
+    """Tests that use the shared trained workspace run last: the run that trains it starts
+    in the background with the session (one torch thread, so it takes one core) while the
+    other tests run."""
+    shared = [item for item in items if "trained_workspace" in getattr(item, "fixturenames", ())]
+    if shared:
+        config.stash[_SHARED_RUN_NEEDED] = True
+        items[:] = [item for item in items if item not in shared] + shared
+
+
+_SHARED_RUN_NEEDED = pytest.StashKey[bool]()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_run(request, tmp_path_factory, worker_id):
+    """The background `stitchbench run` of the tiny config (see `trained_workspace`): started
+    once per test session, also when pytest-xdist runs the tests in several processes (the
+    first to take the lock starts it; its result lands in files every process reads)."""
+    if not request.config.stash.get(_SHARED_RUN_NEEDED, False):
+        yield None
+        return
+    import threading
+
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent  # shared by the xdist workers of this session
+    shared = root / "shared-run"
+    with FileLock(str(root / "shared-run.lock")):
+        starter = not shared.exists()
+        if starter:
+            shared.mkdir()
+    waiter = None
+    if starter:
+        ws = new_tiny_workspace(shared / "ws")
+        env = dict(os.environ, STITCHBENCH_PROGRESS="off", PYTHONWARNINGS="ignore::DeprecationWarning",
+                   STITCHBENCH_WORKSPACE=str(ws), **ONE_THREAD)
+        env.pop("MLFLOW_TRACKING_URI", None)
+        proc = subprocess.Popen([str(EXE), *RUN_TINY], cwd=ws, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+        def wait() -> None:
+            out, err = proc.communicate()
+            tmp = shared / "result.json.tmp"
+            tmp.write_text(json.dumps({"returncode": proc.returncode, "stdout": out, "stderr": err}))
+            os.replace(tmp, shared / "result.json")  # whole or absent for the readers
+
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+    yield shared
+    if waiter is not None:
+        waiter.join()  # other processes may still be waiting for it
+
+
 @pytest.fixture(scope="session")
-def trained_workspace(tmp_path_factory) -> FinishedRun:
+def worker_id(request) -> str:
+    """pytest-xdist's worker id (``gw0``, ...), or ``master`` without it."""
+    return getattr(request.config, "workerinput", {}).get("workerid", "master")
+
+
+@pytest.fixture(scope="session")
+def trained_workspace(_shared_run) -> FinishedRun:
     """The tiny config run once, fresh, through the installed command (one torch thread).
     Read-only: tests that write take a `shared_ws` copy."""
-    ws = new_tiny_workspace(tmp_path_factory.mktemp("trained") / "ws")
-    p = cli(*RUN_TINY, cwd=ws, env=ONE_THREAD)
-    assert p.returncode == 0, p.stderr[-4000:]
-    return FinishedRun(ws, p)
+    import time
+
+    result_file = _shared_run / "result.json"
+    deadline = time.time() + 900
+    while not result_file.exists():
+        assert time.time() < deadline, "the shared tiny run did not finish in 15 minutes"
+        time.sleep(0.2)
+    result = json.loads(result_file.read_text())
+    assert result["returncode"] == 0, result["stderr"][-4000:]
+    return FinishedRun(_shared_run / "ws", subprocess.CompletedProcess(RUN_TINY, result["returncode"],
+                                                                       result["stdout"], result["stderr"]))
 
 
 @pytest.fixture(scope="session")
 def rerun_workspace(trained_workspace, tmp_path_factory) -> FinishedRun:
-    """A copy of the trained workspace in which the same command ran a second time."""
+    """A copy of the trained workspace in which the same command ran a second time (in this
+    process, with one torch thread as the first run had)."""
+    import contextlib
+    import io
+
+    import torch
+
+    from stitchbench.cli import main
+
     ws = copy_workspace(trained_workspace.path, tmp_path_factory.mktemp("rerun") / "ws")
-    p = cli(*RUN_TINY, cwd=ws, env=ONE_THREAD)
-    assert p.returncode == 0, p.stderr[-4000:]
-    return FinishedRun(ws, p)
+    out, err = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as m, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        m.chdir(ws)
+        m.setenv("STITCHBENCH_WORKSPACE", str(ws))
+        m.delenv("MLFLOW_TRACKING_URI", raising=False)
+        stitchbench.plugin.manager.clear_cache()
+        torch.set_num_threads(1)
+        try:
+            code = main(list(RUN_TINY))
+        finally:
+            torch.set_num_threads(threads)
+            stitchbench.plugin.manager.clear_cache()
+    assert code == 0, err.getvalue()[-4000:]
+    return FinishedRun(ws, subprocess.CompletedProcess(list(RUN_TINY), code, out.getvalue(), err.getvalue()))
 
 
 @pytest.fixture

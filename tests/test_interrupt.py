@@ -10,6 +10,7 @@ import time
 
 import mlflow
 import numpy as np
+import pytest
 
 from .conftest import EXE, ONE_THREAD, RUN_TINY, copy_workspace
 
@@ -73,6 +74,10 @@ def test_sigterm_marks_the_run_killed(shared_ws):
     assert any(r.data.tags.get("stitchbench.kind") == "stitch_matrix" and r.info.status == "KILLED" for r in runs)
 
 
+# Three processes of the installed command (about 20 s): in the slow set. The default run has
+# the same guarantee from tests/test_reliability.py (kill -9 at three random moments of
+# `stitchbench run` in forked processes, then a rerun equal to an uninterrupted run).
+@pytest.mark.slow
 def test_kill_9_then_rerun_reuses_finished_stitchers_and_matches_an_uninterrupted_run(trained_workspace, tmp_path):
     """Through the installed command: kill -9 in the middle of the TLM matrices, then the
     same command again resumes from the finished stitchers and ends where a run never

@@ -348,8 +348,15 @@ PHASES = {
 }
 
 
-def _reached(ws: Path, phase: str, since: float) -> bool:
-    return any(f.stat().st_mtime >= since for f in (ws / "mlruns").glob(PHASES[phase]))
+def _phase_files(ws: Path, phase: str) -> dict[Path, int]:
+    return {f: f.stat().st_mtime_ns for f in (ws / "mlruns").glob(PHASES[phase])}
+
+
+def _reached(ws: Path, phase: str, before: dict[Path, int]) -> bool:
+    """Whether a file of ``phase`` was written since the snapshot ``before`` (a new file, or
+    one written again): what the process started after the snapshot wrote, never what an
+    earlier, killed process left behind (it may have reached later phases than its kill)."""
+    return any(before.get(f) != t for f, t in _phase_files(ws, phase).items())
 
 
 def test_kill_9_at_random_moments_then_a_rerun_equals_an_uninterrupted_run(trained, tmp_path, forked, monkeypatch):
@@ -361,11 +368,11 @@ def test_kill_9_at_random_moments_then_a_rerun_equals_an_uninterrupted_run(train
     moments = sorted(rng.sample(list(PHASES), 3), key=list(PHASES).index)
     killed = []
     for k, phase in enumerate(moments):
-        since = time.time() - 1  # file times are coarse on some file systems
+        before = _phase_files(ws, phase)
         offset = rng.uniform(0.0, 0.5)
         p = forked(_child_cli, str(ws), RUN, str(tmp_path / f"killed{k}.log"), None, 1)
         deadline = time.time() + 300
-        while p.exitcode is None and time.time() < deadline and not _reached(ws, phase, since):
+        while p.exitcode is None and time.time() < deadline and not _reached(ws, phase, before):
             time.sleep(0.01)
         time.sleep(offset)
         if p.exitcode is None:
@@ -582,6 +589,11 @@ def test_ui_on_another_interface_warns_that_it_has_no_authentication(workspace, 
     assert "the MLflow UI has no authentication" in capsys.readouterr().err
     hosts = [cmd[cmd.index("--host") + 1] for cmd in started]
     assert hosts == ["127.0.0.1", "0.0.0.0"]
+    # one server worker unless asked: MLflow's four take twice as long to start on two cores
+    assert [cmd[cmd.index("--workers") + 1] for cmd in started] == ["1", "1"]
+    assert _main("ui", "--workers", "3", "--port", "5999") == 0
+    assert started[-1][started[-1].index("--workers") + 1] == "3"
+    assert _main("ui", "--workers", "0") == 2 and "--workers 0" in capsys.readouterr().err
 
 
 # -- the store a process writes to --------------------------------------------------------

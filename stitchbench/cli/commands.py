@@ -221,7 +221,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
         print(f"stitchbench: warning: the MLflow UI has no authentication; binding to {args.host} lets anyone "
               "who can reach this machine read and change your runs", file=sys.stderr)
     exe = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
-    cmd = [exe, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    if args.workers < 1:
+        raise UsageError(f"--workers {args.workers}: give at least 1 worker process")
+    cmd = [exe, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
+           "--workers", str(args.workers)]
     if connection.is_local_store(uri):
         cmd += ["--default-artifact-root", (ws / "mlruns" / "artifacts").as_uri()]
     print(f"MLflow UI on {url}\n  (store {uri}; Ctrl-C stops it)", file=sys.stderr)

@@ -77,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     ui = sub.add_parser("ui", help="start the MLflow UI on this workspace's store")
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--workers", type=int, default=1,
+                    help="server worker processes (default 1, enough for one user; MLflow's own default is 4)")
 
     cmp_ = sub.add_parser("compare", help="similarity indices between two saved activation arrays")
     cmp_.add_argument("a", metavar="A.npy")

@@ -2,7 +2,7 @@
 all logged under one MLflow parent run.
 
 What runs where: the networks' training and the matrices are tasks on the run's executor
-(`stitchbench.executors`: in this process, or Ray tasks); finding finished jobs by key,
+(`stitchbench.execution.executors`: in this process, or Ray tasks); finding finished jobs by key,
 every MLflow write, and the evaluations happen here, in the driver."""
 
 from __future__ import annotations

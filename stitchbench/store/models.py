@@ -46,7 +46,6 @@ def log_torch_model(run_id: str, module: Any, input_example: Any, model_name: st
                 name="model",
                 input_example=input_example,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                export_model=True,
                 serialization_format="pt2",
             )
             return str(mlflow.register_model(info.model_uri, model_name, tags=tags).version)
