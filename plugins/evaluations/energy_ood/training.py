@@ -109,7 +109,6 @@ def pretrain(
     generator: torch.Generator,
     optimizer: str = "adam",
     what: str = "detector pre-training",
-    tick: Callable[[], None] | None = None,
 ) -> list[dict[str, float]]:
     """Cross-entropy training on (activation, image label) pairs; one dict per epoch
     (``pretrain_loss``, ``pretrain_accuracy`` on the training batches)."""
@@ -128,8 +127,6 @@ def pretrain(
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             total += len(y)
-            if tick is not None:
-                tick()
         history.append({"pretrain_loss": loss_sum / max(total, 1), "pretrain_accuracy": correct / max(total, 1)})
     det.eval()
     return history
@@ -173,7 +170,6 @@ def finetune(
     aux_batch_size: int | None = None,
     freeze_batchnorm: bool = False,
     what: str = "detector fine-tuning",
-    tick: Callable[[], None] | None = None,
 ) -> list[dict[str, float]]:
     """Liu et al.'s fine-tuning: every step takes a batch of ID activations (with labels)
     and a batch of auxiliary OOD activations, runs them through the detector together, and
@@ -211,8 +207,6 @@ def finetune(
                 sums["e_in"] += energy(logits_in).sum().item()
                 sums["e_out"] += energy(logits_out).mean().item() * len(a)
             total += len(a)
-            if tick is not None:
-                tick()
         history.append({
             "finetune_loss": sums["loss"] / max(total, 1),
             "finetune_energy_in": sums["e_in"] / max(total, 1),
