@@ -21,7 +21,7 @@ run: $(STAMP)
 
 # The tests on every core (pytest-xdist); the shared trained workspace is made once.
 test: $(STAMP)
-	$(PY) -m pytest -n auto
+	$(PY) -m pytest -n auto --dist loadgroup
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks --benchmark-only -s

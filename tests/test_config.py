@@ -129,12 +129,12 @@ def test_data_dir_missing_or_without_the_data(workspace, tmp_path, capsys):
     assert "needs:      --data-dir DIR" in capsys.readouterr().out
 
 
-def test_dry_run_prints_the_plan(workspace):
-    p = cli("run", "--dry-run", cwd=workspace)
+def test_dry_run_prints_the_plan(workspace, cli_here):
+    p = cli("run", "--dry-run", cwd=workspace)  # the installed command
     assert p.returncode == 0, p.stderr
     assert "digits-resnet18-w16-seed0" in p.stdout and "layer4.1" in p.stdout
     assert "stitch_matrix" in p.stdout and "experiment: quick" in p.stdout
-    p = cli("run", "--dry-run", "--plugin", "tlm", cwd=workspace)
+    p = cli_here("run", "--dry-run", "--plugin", "tlm", cwd=workspace)
     assert p.returncode == 0, p.stderr
     lines = [ln for ln in p.stdout.splitlines() if "_matrix" in ln]
     assert lines and all("tlm [" in ln for ln in lines)

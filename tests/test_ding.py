@@ -24,6 +24,9 @@ import stitchbench
 
 from .conftest import client_of
 
+# Under pytest-xdist the modules that read the shared run's rerun go to one process: it is made once.
+pytestmark = pytest.mark.xdist_group("rerun")
+
 MEASURES = ("lcka", "pwcca", "opd", "dm_func", "dm_struct")
 
 # -- statistics ---------------------------------------------------------------------------

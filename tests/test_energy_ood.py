@@ -24,6 +24,9 @@ from stitchbench.execution.executors import LocalExecutor
 
 from .conftest import OOD_PARAMS, client_of
 
+# Under pytest-xdist the modules that read the shared run's rerun go to one process: it is made once.
+pytestmark = pytest.mark.xdist_group("rerun")
+
 # -- energy and metrics -------------------------------------------------------------------------
 
 

@@ -30,6 +30,10 @@ import torch
 
 import stitchbench.plugin.manager
 
+# Under pytest-xdist this module goes to one process: its module fixtures (a trained workspace, a
+# forkserver) are made once.
+pytestmark = pytest.mark.xdist_group("reliability")
+
 NET = "digits-resnet18-w4-seed0"
 TINY = """
 name: rel

@@ -7,8 +7,12 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pytest
 
 from .conftest import RUN_TINY, cli, client_of
+
+# Under pytest-xdist the modules that read the shared run's rerun go to one process: it is made once.
+pytestmark = pytest.mark.xdist_group("rerun")
 
 # The shared tiny run (tests/conftest.py): two width-4 ResNet-18s on digits, layers 0, 3, 7,
 # every matcher, index and evaluation and the registered third-party index `mean_norm`.
