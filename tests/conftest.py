@@ -1,10 +1,13 @@
 """Shared fixtures.
 
 Every test that touches a workspace gets one of its own. Most end-to-end tests share the
-networks and matrices of one real run: `trained_workspace` runs the tiny config below
-once per test session through the installed command (a fresh run, end to end), and
-`shared_ws` hands each test a private copy of that workspace, in which the networks are
-reused by key instead of trained again.
+networks and matrices of one real run: the tiny config below, run once per test session
+through the installed command (a fresh run, end to end). It starts in the background when
+the session starts (once, also under pytest-xdist); `trained_workspace` waits for it (its
+users run last), `rerun_workspace` is a copy in which the same command ran again, and
+`shared_ws` hands each test a private copy, in which the networks are reused by key
+instead of trained again. `cli` runs the installed command, `cli_here` the same command
+line in this process, for tests whose point is not the process.
 """
 
 from __future__ import annotations
@@ -165,9 +168,9 @@ def pytest_collection_modifyitems(session, config, items):
     in the background with the session (one torch thread, so it takes one core) while the
     other tests run."""
     shared = [item for item in items if "trained_workspace" in getattr(item, "fixturenames", ())]
-    if shared:
+    if shared or any("shared_run_waiter" in getattr(item, "fixturenames", ()) for item in items):
         config.stash[_SHARED_RUN_NEEDED] = True
-        items[:] = [item for item in items if item not in shared] + shared
+    items[:] = [item for item in items if item not in shared] + shared
 
 
 _SHARED_RUN_NEEDED = pytest.StashKey[bool]()
@@ -222,20 +225,31 @@ def worker_id(request) -> str:
 
 
 @pytest.fixture(scope="session")
-def trained_workspace(_shared_run) -> FinishedRun:
-    """The tiny config run once, fresh, through the installed command (one torch thread).
-    Read-only: tests that write take a `shared_ws` copy."""
+def shared_run_waiter(_shared_run):
+    """A callable that waits for the shared tiny run and returns it as a `FinishedRun`: for
+    a test that has work of its own to do first (it is not moved to the end of the session
+    as the users of `trained_workspace` are)."""
     import time
 
-    result_file = _shared_run / "result.json"
-    deadline = time.time() + 900
-    while not result_file.exists():
-        assert time.time() < deadline, "the shared tiny run did not finish in 15 minutes"
-        time.sleep(0.2)
-    result = json.loads(result_file.read_text())
-    assert result["returncode"] == 0, result["stderr"][-4000:]
-    return FinishedRun(_shared_run / "ws", subprocess.CompletedProcess(RUN_TINY, result["returncode"],
-                                                                       result["stdout"], result["stderr"]))
+    def wait() -> FinishedRun:
+        result_file = _shared_run / "result.json"
+        deadline = time.time() + 900
+        while not result_file.exists():
+            assert time.time() < deadline, "the shared tiny run did not finish in 15 minutes"
+            time.sleep(0.2)
+        result = json.loads(result_file.read_text())
+        assert result["returncode"] == 0, result["stderr"][-4000:]
+        return FinishedRun(_shared_run / "ws", subprocess.CompletedProcess(RUN_TINY, result["returncode"],
+                                                                           result["stdout"], result["stderr"]))
+
+    return wait
+
+
+@pytest.fixture(scope="session")
+def trained_workspace(shared_run_waiter) -> FinishedRun:
+    """The tiny config run once, fresh, through the installed command (one torch thread).
+    Read-only: tests that write take a `shared_ws` copy."""
+    return shared_run_waiter()
 
 
 @pytest.fixture(scope="session")

@@ -198,7 +198,7 @@ RAY_PLUGINS = ("--plugin", "dm", "--plugin", "lcka", "--plugin", "mean_norm", "-
                "--plugin", "ding_specificity")
 
 
-def test_ray_gives_the_same_results_as_local(trained_workspace, tmp_path, monkeypatch, cli_here):
+def test_ray_gives_the_same_results_as_local(shared_run_waiter, tmp_path, monkeypatch, cli_here):
     """Part of the shared tiny run again, fresh, on a local 2-CPU Ray cluster: networks,
     matrices, OOD detectors and Ding probes as Ray tasks (the registered third-party index
     shipped to the workers). Every number equals the local run's (both one torch thread)."""
@@ -209,7 +209,8 @@ def test_ray_gives_the_same_results_as_local(trained_workspace, tmp_path, monkey
     assert p.returncode == 0, p.stderr[-3000:]
     assert "networks trained 2, reused 0" in p.stdout and "matrix jobs computed 18, reused 0" in p.stdout, p.stdout
     ray_id = p.stdout.split("run ", 1)[1].split()[0]
-    local_ws, local_id = trained_workspace.path, trained_workspace.run_id
+    local_run = shared_run_waiter()  # the same run, local: computed meanwhile, in the background
+    local_ws, local_id = local_run.path, local_run.run_id
 
     ray, local = (json.loads(cli_here("report", rid, "--json", cwd=ws).stdout)
                   for ws, rid in ((ray_ws, ray_id), (local_ws, local_id)))
