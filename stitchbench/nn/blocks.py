@@ -1,7 +1,8 @@
 """Building blocks that more than one plugin uses (timm's ``layers``, in small): the
-residual block of ResNet-18 and its convolutions. The ``resnet18`` architecture and the
-``energy_ood`` detectors are built from these, so a change here changes both, and both
-keys (`stitchbench.code_version` of these classes is part of them)."""
+residual block of ResNet-18 and its convolutions, public as `stitchbench.BasicBlock` and
+`stitchbench.conv3x3`. A plugin whose results depend on them puts their code in its job
+keys (`stitchbench.code_version` of this module), so a change here is never answered with
+results computed by the old blocks."""
 
 from __future__ import annotations
 
