@@ -195,12 +195,21 @@ def _check_rows(rows: int, cols_a: int, cols_b: int, reduce_to: int | None, desc
             )
 
 
+def _correlation_eigh(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(d^-½, Λ, V): the eigendecomposition V Λ Vᵀ (ascending) of the correlation matrix
+    D^-½ Σ D^-½ (D = diag Σ), and the column scales d^-½ (0 for a column of zero variance)."""
+    d = np.diag(cov).copy()
+    inv = np.zeros_like(d)
+    live = d > 0
+    inv[live] = 1.0 / np.sqrt(d[live])
+    lam, vec = np.linalg.eigh(cov * inv[:, None] * inv[None, :])
+    return inv, lam, vec
+
+
 def _whitening(cov: np.ndarray, label: str) -> tuple[np.ndarray, np.ndarray]:
     """S = D^-½ V Λ^-½ and G = Σ S = D^½ V Λ^½, from the eigendecomposition V Λ Vᵀ of the
     correlation matrix D^-½ Σ D^-½ (D = diag Σ); SᵀΣS = I."""
-    d = np.diag(cov).copy()
-    inv = 1.0 / np.sqrt(d)
-    lam, vec = np.linalg.eigh(cov * inv[:, None] * inv[None, :])
+    inv, lam, vec = _correlation_eigh(cov)
     if not lam[0] > lam[-1] / MAX_CONDITION:
         raise ValueError(
             f"pwcca: the centred columns of {label} are numerically linearly dependent (condition number "
@@ -208,7 +217,7 @@ def _whitening(cov: np.ndarray, label: str) -> tuple[np.ndarray, np.ndarray]:
             "pass reduce_to=r to compare the top-r principal subspaces instead"
         )
     root = np.sqrt(lam)
-    return (inv[:, None] * vec) / root, (np.sqrt(d)[:, None] * vec) * root
+    return (inv[:, None] * vec) / root, (np.sqrt(np.diag(cov))[:, None] * vec) * root
 
 
 def _feature_side(cov: np.ndarray, constant: np.ndarray, label: str, reduce_to: int | None,
@@ -301,12 +310,8 @@ def _pwcca_ding(saa: np.ndarray, sbb: np.ndarray, sab: np.ndarray, rows: int,
 def _range_whitening(cov: np.ndarray) -> np.ndarray:
     """W (p, k) with Wᵀ Σ W = I on Σ's numerical range: from the eigendecomposition of the
     correlation matrix of the columns of nonzero variance, eigenvalues above
-    1/MAX_CONDITION of the largest."""
-    d = np.diag(cov).copy()
-    live = d > 0
-    inv = np.zeros_like(d)
-    inv[live] = 1.0 / np.sqrt(d[live])
-    lam, vec = np.linalg.eigh(cov * inv[:, None] * inv[None, :])
+    1/MAX_CONDITION of the largest (none when every column is constant)."""
+    inv, lam, vec = _correlation_eigh(cov)
     keep = lam > lam[-1] / MAX_CONDITION
     return (inv[:, None] * vec[:, keep]) / np.sqrt(lam[keep])
 

@@ -129,9 +129,9 @@ class JobRun:
             artifacts.client().log_batch(self.run_id, metrics=items[start : start + 1000])
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        c = artifacts.client()
-        for k, v in tags.items():
-            c.set_tag(self.run_id, k, str(v))
+        from mlflow.entities import RunTag
+
+        artifacts.client().log_batch(self.run_id, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
 
     def log_table(self, obj: Any, name: str) -> None:
         """A JSON-able object as ``<name>.json`` (numpy values become numbers and lists)."""

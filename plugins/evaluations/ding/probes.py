@@ -45,9 +45,15 @@ def probe_key(context: RunContext, rep: Rep, params: ProbeParams) -> str:
     )
 
 
+def probe_code_version() -> str:
+    """The identity of the code that defines a probe's accuracy (part of every probe job's key)."""
+    return stitchbench.code_version(probe_training, representations)
+
+
 def probe_job_key(context: RunContext, network: str, layer: str, ranks: Sequence[int | None],
-                  params: ProbeParams) -> str:
-    """The key of the job that probes (network, layer) at ``ranks`` (None: full rank)."""
+                  params: ProbeParams, code: str) -> str:
+    """The key of the job that probes (network, layer) at ``ranks`` (None: full rank);
+    ``code`` is `probe_code_version`."""
     return stitchbench.job_key(
         "ding_probes",
         version=PROBE_VERSION,
@@ -57,7 +63,7 @@ def probe_job_key(context: RunContext, network: str, layer: str, ranks: Sequence
         ranks=list(ranks),
         probe=params.model_dump(mode="json"),
         seed=context.config.seed,
-        code=stitchbench.code_version(probe_training, representations),
+        code=code,
     )
 
 
@@ -68,10 +74,11 @@ def _rank_name(rank: int | None) -> str:
 class _Job:
     """The probes of one (network, layer): its representations by rank, key and accuracies."""
 
-    def __init__(self, context: RunContext, network: str, layer: str, reps: list[Rep], params: ProbeParams):
+    def __init__(self, context: RunContext, network: str, layer: str, reps: list[Rep], params: ProbeParams,
+                 code: str):
         self.network, self.layer = network, layer
         self.reps = {r.rank: r for r in reps}
-        self.key = probe_job_key(context, network, layer, list(self.reps), params)
+        self.key = probe_job_key(context, network, layer, list(self.reps), params, code)
         self.probe_keys = {rank: probe_key(context, r, params) for rank, r in self.reps.items()}
         self.accuracy: dict[int | None, float] = {}
         self.reused = False
@@ -91,7 +98,8 @@ def probe_scores(context: RunContext, reps: Sequence[Rep], params: ProbeParams, 
         group = jobs.setdefault((r.network, r.layer), [])
         if all(g.rank != r.rank for g in group):
             group.append(r)
-    todo = [_Job(context, net, layer, group, params) for (net, layer), group in jobs.items()]
+    code = probe_code_version()
+    todo = [_Job(context, net, layer, group, params, code) for (net, layer), group in jobs.items()]
     memo: dict[str, float] = context.shared.setdefault("ding.probes", {})  # probe key -> accuracy
     reused = 0
     for job in todo:

@@ -84,6 +84,8 @@ class Analysis:
         self._aux: Any = None
         self._aux_resolved: dict[str, Any] | None = None
         self._sources: dict[str, ActivationSource] = {}
+        self._keys: dict[tuple[str, str], tuple[str, str, dict[str, Any]]] = {}
+        self._code: dict[int, str] = {}  # detector code version by activation rank (conv 3, tokens 2)
 
     # -- the auxiliary set ----------------------------------------------------------------
     def aux_params(self) -> dict[str, Any]:
@@ -143,21 +145,29 @@ class Analysis:
             "layer": layer,
             "shape": list(shape),
             "detector": {"kind": "resnet" if len(shape) == 3 else "vit", **arch.model_dump(mode="json")},
-            "code": detector_code_version(shape),
+            "code": self.detector_code(shape),
             "pretrain": self.p.pretrain.model_dump(mode="json"),
             "finetune": self.p.finetune.model_dump(mode="json"),
             "auxiliary": self.aux_params(),
             "seed": self.seed,
         }
 
+    def detector_code(self, shape: tuple[int, ...]) -> str:
+        """`detector_code_version`, hashed once per kind of activation (conv or tokens)."""
+        if len(shape) not in self._code:
+            self._code[len(shape)] = detector_code_version(shape)
+        return self._code[len(shape)]
+
     def build(self, layer: str) -> torch.nn.Module:
         return new_detector(self.p, tuple(self.shapes[layer]), self.ctx.data.num_classes, self.seed, self.device)
 
     def detector_key(self, net_name: str, layer: str) -> tuple[str, str, dict[str, Any]]:
-        """(registered model name, job key, the settings the key hashes)."""
-        settings = self.settings(layer)
-        key = stitchbench.job_key("energy_detector", network=self.ctx.network_key(net_name), **settings)
-        return f"{net_name}-{layer}-energy-detector", key, settings
+        """(registered model name, job key, the settings the key hashes), made once."""
+        if (net_name, layer) not in self._keys:
+            settings = self.settings(layer)
+            key = stitchbench.job_key("energy_detector", network=self.ctx.network_key(net_name), **settings)
+            self._keys[(net_name, layer)] = (f"{net_name}-{layer}-energy-detector", key, settings)
+        return self._keys[(net_name, layer)]
 
     def reuse_detector(self, net_name: str, layer: str) -> Detector | None:
         """The detector of (network, layer) from its finished job, scored; None when there
