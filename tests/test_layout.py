@@ -26,6 +26,7 @@ LAYERS: list[set[str]] = [
     {"nn"},
     {"store", "execution"},
     {"run"},
+    {"testing"},
     {"cli"},
 ]
 

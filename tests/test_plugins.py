@@ -119,12 +119,37 @@ def test_two_plugins_registering_one_name(workspace, tmp_path):
     p = cli("plugins", "register", str(f), cwd=workspace)
     assert p.returncode == 2, p.stdout
     assert "'lcka'" in p.stderr and "clash" in p.stderr and "lcka" in p.stderr and "Traceback" not in p.stderr
-    # The same clash edited into the registry by hand fails every command that loads plugins.
+    # The same clash in the registry (registered first, the package installed later): the
+    # workspace's registration wins, with a warning that names both; every command works.
     (workspace / "registry").mkdir(exist_ok=True)
     (workspace / "registry" / "plugins.toml").write_text(f'[[plugin]]\nname = "clash"\npath = "{f}"\n')
-    p = cli("plugins", "list", cwd=workspace)
-    assert p.returncode == 2
-    assert "plugin clash" in p.stderr and "plugin lcka" in p.stderr
+    p = cli("plugins", "list", "--json", cwd=workspace)
+    assert p.returncode == 0, p.stderr
+    assert "plugin clash" in p.stderr and "plugin lcka (bundled)" in p.stderr and "is used instead" in p.stderr
+    (lcka,) = [d for d in json.loads(p.stdout) if d["name"] == "lcka"]
+    assert lcka["origin"].startswith("registered path") and lcka["plugin"] == "clash"
+
+
+def test_a_registered_plugin_wins_over_an_installed_one_of_the_same_name(workspace, tmp_path):
+    """Registered by path as `lcka_plus`, later installed (an entry point of the same
+    plugin name): the path registration is used, with a warning naming both."""
+    from stitchbench.plugin.manager import _Loader
+    from stitchbench.plugin.registration import RegistryEntry
+
+    f = write_plugin(tmp_path / "lcka_plus.py", INDEX_PLUGIN.format(name="lcka_plus"))
+    installed = write_plugin(tmp_path / "installed_copy.py", INDEX_PLUGIN.format(name="lcka_plus"))
+    loader = _Loader()
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("installed_copy_mod", installed)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    loader._register("lcka_plus", module, "entry point stitchbench-lcka-plus 1.0")
+    with pytest.warns(UserWarning, match=r"lcka_plus.*registered path.*instead of.*entry point stitchbench-lcka-plus"):
+        loader.add_registry_entry(RegistryEntry("lcka_plus", path=str(f)))
+    result = loader.finish()
+    assert result.infos["lcka_plus"].origin.startswith("registered path")
+    assert result.modules["lcka_plus"].__file__ == str(f)
 
 
 def test_wrong_type_and_forgotten_parentheses(workspace, tmp_path):

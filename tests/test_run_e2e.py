@@ -117,7 +117,9 @@ class Exploding(stitchbench.SimilarityIndex):
     higher_is_more_similar = True
 
     def compute(self, A, B):
-        raise RuntimeError("kaboom in compute")
+        if len(A) > 60:  # passes the load-time checks (48 examples), fails in the run's job
+            raise RuntimeError("kaboom in compute")
+        return 1.0 if A is B else 0.5
 
 @stitchbench.hookimpl
 def register_similarity_indices(register):

@@ -63,9 +63,10 @@ class PairwiseIndex(stitchbench.SimilarityIndex):
         return self.Params.model_validate(params)
 
     # -- one pair -------------------------------------------------------------------
-    def compute(self, A: Any, B: Any) -> float:
-        """The index of A (n, ...) and B (n, ...), numpy or torch, as a Python float."""
-        p = self.params
+    def compute(self, A: Any, B: Any, params: IndexParams | dict | None = None) -> float:
+        """The index of A (n, ...) and B (n, ...), numpy or torch, as a Python float, with
+        ``params`` (default: the instance's)."""
+        p = self._resolve(params)
         cache = StatsCache(p.block_elements)
         return float(self._pair_of(cache, A, B, ("A", "B"), p))
 
@@ -128,16 +129,16 @@ class PairwiseIndex(stitchbench.SimilarityIndex):
         return False, False
 
     # -- streaming ------------------------------------------------------------------
-    def compute_streaming(self, batches: Iterable[tuple[Any, Any]]) -> float:
+    def compute_streaming(self, batches: Iterable[tuple[Any, Any]], params: IndexParams | dict | None = None) -> float:
         """The index from a stream of ``(A_batch, B_batch)`` example batches (numpy or torch,
         same per-example shapes in every batch), in the feature form: memory holds the
         p x p cross-products and one batch, whatever the number of examples. Equal to
         ``compute`` on the concatenated batches."""
-        p = self.params
+        p = self._resolve(params)
         acc = CrossMoments(2, "all", ("A", "B"))
         for a, b in arranged_batches(batches, p.arrangement, self.family):
             acc.update(a, b)
-        return float(self.from_moments(acc))
+        return float(self.from_moments(acc, p))
 
     def from_moments(self, acc: CrossMoments, params: Any = None) -> float:
         """The index from accumulated moments of the two arranged matrices."""

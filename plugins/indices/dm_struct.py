@@ -17,7 +17,8 @@ def _as_tensor(x: Any):
         t = x.detach().cpu()
     else:
         t = torch.from_numpy(np.ascontiguousarray(x))
-    return t.double()
+    # (n, p) feature vectors are 1x1 maps: T is then an affine map of the p features
+    return (t[:, :, None, None] if t.ndim == 2 else t).double()
 
 
 def normalised_error(T: Any, X: Any, Y: Any, batch_size: int = 1024) -> float:
@@ -52,11 +53,12 @@ class DMStruct(SimilarityIndex):
     name = "dm_struct"
     higher_is_more_similar = False
     needs_train_activations = True
+    symmetric = False  # T maps the source onto the target
 
     class Params(Params):
         k: int = 100  # training images T is fitted on (as DM's K)
 
-    def compute(self, A: Any, B: Any) -> float:
+    def compute(self, A: Any, B: Any, params: Any = None) -> float:
         X, Y = _as_tensor(A), _as_tensor(B)
         if X.shape[0] != Y.shape[0]:
             raise ValueError(f"DM(struct) needs the same examples on both sides: shapes {tuple(X.shape)} and {tuple(Y.shape)}")

@@ -77,6 +77,7 @@ class PWCCA(PairwiseIndex):
 
     name = "pwcca"
     higher_is_more_similar = False
+    symmetric = False  # the weights come from A's canonical directions
     family = "cca"
 
     class Params(IndexParams):

@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -39,6 +39,7 @@ class TaskLossMatching(Matcher):
     """Task loss matching: the DM stitcher trained with cross-entropy through the frozen receiver."""
 
     name = "tlm"
+    check_params: ClassVar[dict[str, Any]] = {"epochs": 1}  # `stitchbench plugins check`: one epoch
 
     class Params(Params):
         dm: DirectMatching.Params = Field(

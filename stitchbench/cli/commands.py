@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StitchbenchError, UsageError
+from .maintenance import cmd_clean  # noqa: F401 - a command, found by name
 
 
 def _dry_run(cfg: Any, plugins: Any, args: argparse.Namespace, ws: Path) -> int:
@@ -20,7 +21,7 @@ def _dry_run(cfg: Any, plugins: Any, args: argparse.Namespace, ws: Path) -> int:
     from ..run.plan import make_plan
 
     throughputs = load_throughputs(args.throughput)
-    plan = make_plan(cfg, plugins, selected=args.plugin, workspace=ws, load_data=False)
+    plan = make_plan(cfg, plugins, selected=args.plugin, workspace=ws, load_data=False, no_reuse=args.no_reuse)
     print(plan.describe())
     if plan.info is None:
         print(f"estimate:   not available (dataset plugin {plan.dataset.name!r} cannot describe its data "
@@ -66,14 +67,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         extra["executor"] = {"name": args.executor or "ray"}
         if args.ray_address:
             extra["executor"]["ray_address"] = args.ray_address
-    cfg = _build_config(args, extra)
     ws = _workspace()
     plugins = load_plugins(ws)
+    # `--plugin` naming a data set or an architecture replaces the configured one before
+    # `--set` applies, so `--plugin mycnn --set networks.architecture.params.width=8` sets
+    # mycnn's width (and resnet18's params do not follow it to mycnn).
+    for name in args.plugin:
+        info = plugins.infos.get(name)
+        if info is not None and info.kind == "dataset":
+            extra["dataset"] = {"name": name}
+        elif info is not None and info.kind == "architecture":
+            extra["networks"] = {"architecture": {"name": name}}
+    cfg = _build_config(args, extra)
     if args.dry_run:
         return _dry_run(cfg, plugins, args, ws)
     if args.throughput:
         raise UsageError("--throughput is for --dry-run (it only changes the estimate)")
-    plan = make_plan(cfg, plugins, selected=args.plugin, workspace=ws)
+    plan = make_plan(cfg, plugins, selected=args.plugin, workspace=ws, no_reuse=args.no_reuse)
     from ..run.pipeline import execute
 
     result = execute(plan, plugins, ws)
@@ -155,6 +165,14 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         pm.clear_cache()
         print(f"unregistered {args.name} from {f}")
         return 0
+    if args.plugins_command == "check":
+        from .plugin_tools import check_plugins
+
+        return check_plugins(args, ws)
+    if args.plugins_command == "new":
+        from .scaffold import new_plugin
+
+        return new_plugin(args)
     raise UsageError(f"unknown plugins action {args.plugins_command}")
 
 
@@ -183,16 +201,21 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from ..store.connection import connect
-    from ..store.report import build_report, format_report, resolve_run
+    from ..store.report import build_matrices, build_report, format_matrices, format_report, resolve_run
 
     client = connect(_workspace())
     run = resolve_run(client, args.run)
     report = build_report(client, run)
+    if args.matrices:
+        report["matrices"] = build_matrices(client, run)
     if args.json:
         out = {k: v for k, v in report.items() if not k.startswith("_")}
         print(json.dumps(out, indent=2, sort_keys=False, default=str))
     else:
         print(format_report(report), end="")
+        if args.matrices:
+            print("\nmatrices (rows: source layers, columns: target layers)\n")
+            print(format_matrices(report["matrices"]), end="")
     return 0
 
 
@@ -233,10 +256,16 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    """Every chosen index of two saved activation arrays. A bad file, name or ``--param`` is
+    a usage error (exit 2); an index whose code fails (raises, or returns a NaN) gets that
+    error in its row instead of a value, the others are still computed, and the exit
+    status is 1."""
     import numpy as np
 
     from ..plugin.manager import load_plugins
+    from ..run.boundary import index_value
 
+    assignments = _compare_param_assignments(args.param)
     arrays = []
     for p in (args.a, args.b):
         path = Path(p)
@@ -253,25 +282,90 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise UsageError(f"the arrays have different numbers of examples (rows): {a.shape[0]} in {args.a}, "
                          f"{b.shape[0]} in {args.b}; rows must be the same examples in the same order")
     plugins = load_plugins(_workspace())
-    names = args.index or plugins.names("similarity_index")
-    rows = []
-    for name in names:
-        idx = plugins.get(name, "similarity_index")
+    names = list(dict.fromkeys(args.index)) or plugins.names("similarity_index")
+    indices = {name: plugins.get(name, "similarity_index") for name in names}
+    for name, (_, flag) in assignments.items():
+        if name in indices:
+            continue
         try:
-            value = float(idx.compute(a, b))
-            rows.append({"index": name, "value": value, "higher_is_more_similar": idx.higher_is_more_similar})
-        except ValueError as e:
-            rows.append({"index": name, "value": None, "error": str(e),
-                         "higher_is_more_similar": idx.higher_is_more_similar})
+            plugins.get(name, "similarity_index")
+        except UsageError as e:
+            raise UsageError(f"{flag[0]}: {e}") from None
+        raise UsageError(f"{flag[0]}: index {name!r} is not being compared (--index "
+                         f"{' --index '.join(names)}); add --index {name} or drop the --param")
+    params = {name: _compare_params(idx, *assignments.get(name, ({}, []))) for name, idx in indices.items()}
+    rows = []
+    for name, idx in indices.items():
+        row: dict[str, Any] = {"index": name, "value": None,
+                               "higher_is_more_similar": bool(idx.higher_is_more_similar),
+                               "params": params[name].model_dump(mode="json")}
+        try:
+            row["value"] = index_value(idx, a, b, params[name])
+        except Exception as e:  # noqa: BLE001 - a plugin's failure is its row's result, never a traceback
+            row["error"] = _one_line_error(e)
+        rows.append(row)
     if args.json:
         print(json.dumps({"a": {"path": args.a, "shape": list(a.shape)}, "b": {"path": args.b, "shape": list(b.shape)},
-                          "results": rows}, indent=2))
+                          "results": rows}, indent=2, allow_nan=False))
     else:
         print(f"A {args.a} {a.shape}   B {args.b} {b.shape}")
         for r in rows:
             sense = "higher = more similar" if r["higher_is_more_similar"] else "distance: lower = more similar"
-            val = f"{r['value']:.6f}" if r["value"] is not None else f"error: {r['error']}"
+            val = f"{r['value']:.6f}" if r["value"] is not None else "failed"
             print(f"  {r['index']:10} {val:>12}   ({sense})")
-    return 2 if any(r["value"] is None for r in rows) and args.index else 0
+    failed = [r for r in rows if r["value"] is None]
+    for r in failed:
+        print(f"stitchbench: error: index {r['index']} failed: {r['error']}", file=sys.stderr)
+    return 1 if failed else 0
 
 
+def _compare_param_assignments(assignments: list[str]) -> dict[str, tuple[dict[str, Any], list[str]]]:
+    """``--param NAME.KEY=VALUE`` flags grouped by index NAME: the raw (unvalidated)
+    parameters, nested along dotted keys, with values parsed as YAML as ``--set`` parses
+    them, and the flags that gave them (for messages)."""
+    import yaml
+
+    out: dict[str, tuple[dict[str, Any], list[str]]] = {}
+    for assignment in assignments:
+        flag = f"--param {assignment}"
+        key, sep, raw = assignment.partition("=")
+        parts = [p.strip() for p in key.split(".")]
+        if not sep or len(parts) < 2 or not all(parts):
+            raise UsageError(f"{flag}: expected NAME.KEY=VALUE (an index name, one of its parameters and a value), "
+                             "e.g. --param pwcca.arrangement=pooled")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        name, *path = parts
+        node, flags = out.setdefault(name, ({}, []))
+        flags.append(flag)
+        for part in path[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise UsageError(f"{flag}: {name}.{part} was given a value ({nxt!r}), not parameters")
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def _compare_params(index: Any, raw: dict[str, Any], flags: list[str]) -> Any:
+    """``raw`` validated by the index's ``Params`` (its defaults where not given); a
+    ConfigError naming the index and every bad key."""
+    from pydantic import ValidationError
+
+    from ..errors import ConfigError
+    from ..run.config import format_validation_error
+
+    try:
+        return index.Params.model_validate(raw)
+    except ValidationError as e:
+        given = f" (from {', '.join(flags)})" if flags else " (its defaults; give them with --param)"
+        raise ConfigError(f"invalid parameters for similarity index {index.name!r}{given}:\n"
+                          + format_validation_error(e, prefix=f"{index.name}.")) from None
+
+
+def _one_line_error(e: BaseException) -> str:
+    """``<ExceptionType>: <message>`` on one line (a plugin's multi-line message joined)."""
+    message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return f"{type(e).__name__}: {message}" if message else type(e).__name__

@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
                    help='where jobs run: local (default: this process) or ray (Ray tasks; pip install -e ".[ray]")')
     r.add_argument("--ray-address", metavar="ADDR",
                    help="a running Ray cluster to use (e.g. auto); implies --executor ray (default: a local cluster)")
+    r.add_argument("--no-reuse", nargs="?", const="all", action="append", default=[], metavar="KIND|NAME",
+                   help="compute jobs again instead of reusing finished ones: all of them (no value), those of a "
+                   "plugin kind (e.g. similarity_index) or of one plugin (e.g. lcka); repeatable")
 
     pl = sub.add_parser("plugins", help="list, register and unregister plugins")
     psub = pl.add_subparsers(dest="plugins_command", metavar="ACTION")
@@ -63,8 +66,22 @@ def _parser() -> argparse.ArgumentParser:
     reg.add_argument("target", metavar="PATH_OR_MODULE")
     unreg = psub.add_parser("unregister", help="remove a plugin from registry/plugins.toml")
     unreg.add_argument("name")
+    chk = psub.add_parser("check", help="conformance checks of plugins on tiny synthetic inputs (all, or the named)")
+    chk.add_argument("names", nargs="*", metavar="NAME")
+    chk.add_argument("--kind", choices=KIND_CHOICES, help="only plugins of this kind")
+    chk.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="params",
+                     help="a parameter of the checked plugin (with one NAME), e.g. --set width=8")
+    chk.add_argument("--json", action="store_true")
+    new = psub.add_parser("new", help="write a plugin package skeleton (module, pyproject, test) to start from")
+    new.add_argument("kind", choices=KIND_CHOICES)
+    new.add_argument("name", help="the plugin's name (letters, digits, _; used as its package name too)")
+    new.add_argument("--dir", metavar="DIR", help="where to create it (default: ./stitchbench-<name>)")
 
     sub.add_parser("presets", help="list the presets")
+
+    cl = sub.add_parser("clean", help="delete this workspace's results (runs, artifacts, models, caches)")
+    cl.add_argument("--dry-run", action="store_true", help="say what would be deleted, and delete nothing")
+    cl.add_argument("--force", action="store_true", help="even while a run of this workspace seems to be running")
 
     c = sub.add_parser("config", help="print a resolved configuration")
     _config_args(c)
@@ -72,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="the paper-style tables of a finished run")
     rep.add_argument("run", nargs="?", default="latest", help="a parent run id, or `latest` (default)")
+    rep.add_argument("--matrices", action="store_true",
+                     help="also every matrix of the run (stitching and index matrices, reused ones included) as a "
+                     "table of source layers x target layers; with --json under the key `matrices`")
     rep.add_argument("--json", action="store_true")
 
     ui = sub.add_parser("ui", help="start the MLflow UI on this workspace's store")
@@ -84,7 +104,11 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("a", metavar="A.npy")
     cmp_.add_argument("b", metavar="B.npy")
     cmp_.add_argument("--index", action="append", default=[], metavar="NAME", help="index name (repeatable; default all)")
-    cmp_.add_argument("--json", action="store_true")
+    cmp_.add_argument("--param", action="append", default=[], metavar="NAME.KEY=VALUE",
+                      help="a parameter of index NAME, the value read as YAML, e.g. --param pwcca.arrangement=pooled "
+                      "(repeatable)")
+    cmp_.add_argument("--json", action="store_true",
+                      help="strict JSON: {a, b, results: [{index, value, higher_is_more_similar, params, error?}]}")
     return p
 
 

@@ -81,6 +81,19 @@ class PluginSet:
     infos: dict[str, PluginInfo] = field(default_factory=dict)
     objects: dict[str, Plugin] = field(default_factory=dict)
     broken: list[BrokenPlugin] = field(default_factory=list)
+    #: plugin name -> the module (or object) that registered it
+    modules: dict[str, Any] = field(default_factory=dict)
+    _identities: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def code_identity(self, name: str) -> str:
+        """The identity of the code of registered object ``name`` (see
+        `stitchbench.plugin.identity`): part of the key of every job it computes."""
+        if name not in self._identities:
+            from .identity import code_identity
+
+            info = self.infos[name]
+            self._identities[name] = code_identity(self.objects[name], info.origin, self.modules.get(info.plugin))
+        return self._identities[name]
 
     def names(self, kind: str) -> list[str]:
         return [n for n, i in self.infos.items() if i.kind == kind]
@@ -191,6 +204,13 @@ class _Loader:
         warnings.warn(f"stitchbench plugin {name} ({origin}) failed to load and is skipped: {err}", stacklevel=3)
 
     def _register(self, name: str, obj: Any, origin: str) -> None:
+        if name in self.origins and _overrides(origin, self.origins[name][0]):
+            prev = self.origins[name][0]
+            warnings.warn(f"plugin {name}: the workspace's registration ({origin}) is used instead of the installed "
+                          f"plugin of the same name ({prev}); `stitchbench plugins unregister {name}` to use the "
+                          "installed one", stacklevel=3)
+            self.pm.unregister(name=name)
+            del self.origins[name]
         if name in self.origins:
             prev = self.origins[name][0]
             raise PluginError(
@@ -264,6 +284,20 @@ class _Loader:
                     self._broken(plugin_name, origin, e)
                     continue
                 for info in staged:
+                    other = result.infos.get(info.name)
+                    if other is not None and _overrides(info.origin, other.origin):
+                        warnings.warn(
+                            f"{info.kind.replace('_', ' ')} {info.name!r}: the one of plugin {info.plugin} "
+                            f"({info.origin}) is used instead of the one of plugin {other.plugin} ({other.origin}): "
+                            "a workspace's registration wins over an installed plugin", stacklevel=2)
+                        del result.infos[info.name]
+                    elif other is not None and _overrides(other.origin, info.origin):
+                        warnings.warn(
+                            f"{info.kind.replace('_', ' ')} {info.name!r}: the one of plugin {other.plugin} "
+                            f"({other.origin}) is used instead of the one of plugin {info.plugin} ({info.origin}): "
+                            "a workspace's registration wins over an installed plugin", stacklevel=2)
+                        result.objects.pop(f"\0{info.plugin}\0{info.name}", None)
+                        continue
                     if info.name in result.infos:
                         other = result.infos[info.name]
                         raise PluginError(
@@ -276,9 +310,18 @@ class _Loader:
                     result.infos[info.name] = info
                     result.objects[info.name] = result.objects.pop(f"\0{info.plugin}\0{info.name}")
         result.broken = self.broken
+        result.modules = {name: self.pm.get_plugin(name) for name in self.origins}
         for k in [k for k in result.objects if k.startswith("\0")]:
             del result.objects[k]
         return result
+
+
+def _overrides(origin: str, other: str) -> bool:
+    """True when a plugin from ``origin`` replaces one of the same name from ``other``: a
+    workspace's registration (path or module) wins over an installed (entry-point or
+    bundled) plugin, so installing a package never breaks a workspace that registered its
+    code by path first."""
+    return origin.startswith("registered") and not other.startswith("registered")
 
 
 def _validate(obj: Any, kind: str, plugin: str, origin: str) -> None:

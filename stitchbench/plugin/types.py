@@ -43,6 +43,9 @@ class Plugin:
     name: str = ""
     description: str = ""
     Params: ClassVar[type[Params]] = Params
+    #: The params ``stitchbench plugins check`` (and `stitchbench.testing.check_plugin`)
+    #: use: small settings that exercise the code in seconds (e.g. one epoch).
+    check_params: ClassVar[dict[str, Any]] = {}
 
     def describe(self) -> str:
         if self.description:
@@ -169,21 +172,32 @@ class SimilarityIndex(Plugin):
     #: True when the index needs training-split activations too (e.g. a fitted map).
     needs_train_activations: ClassVar[bool] = False
 
-    def compute(self, A: Any, B: Any) -> float:
+    #: False for an index whose value changes when A and B swap (``plugins check`` then
+    #: skips the symmetry check).
+    symmetric: ClassVar[bool] = True
+
+    def compute(self, A: Any, B: Any, params: Any = None) -> float:
+        """The index of A (n, ...) and B (n, ...), rows the same examples, as a float.
+        ``params``: this index's validated `Params` (None: the defaults). The core passes
+        the run's params; an index whose ``compute`` takes no ``params`` still works."""
         raise NotImplementedError
 
     def matrix(self, sources: Sequence[Any], targets: Sequence[Any], context: IndexContext) -> np.ndarray:
         """Fill the (len(sources), len(targets)) matrix of values.
 
-        The default calls ``compute`` for every pair; indices that can reuse per-layer
-        statistics override it.
+        The default calls ``compute`` for every pair, with ``context.params``; indices that
+        can reuse per-layer statistics override it.
         """
+        import inspect
+
         import numpy as np
 
+        params = getattr(context, "params", None)
+        takes = "params" in inspect.signature(self.compute).parameters
         out = np.empty((len(sources), len(targets)))
         for i, a in enumerate(sources):
             for j, b in enumerate(targets):
-                out[i, j] = self.compute(a, b)
+                out[i, j] = self.compute(a, b, params=params) if takes and params is not None else self.compute(a, b)
         return out
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from ..errors import ConfigError, UsageError
 
@@ -115,6 +115,10 @@ class RunConfig(Strict):
         default_factory=list, description="what this preset needs to be practical (checked, with a warning)"
     )
 
+    #: The params blocks the preset gave ({"stitching": {name: params}, ...}): a block left
+    #: as the preset wrote it may name a plugin the run leaves out; one a user wrote may not.
+    _preset_params: dict[str, dict[str, Any]] = PrivateAttr(default_factory=dict)
+
     @field_validator("executor", mode="before")
     @classmethod
     def _executor_by_name(cls, v: Any) -> Any:
@@ -208,6 +212,8 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         if not isinstance(nxt, dict):
             raise UsageError(f"--set {key}: {part!r} is not a mapping (it is {nxt!r})")
         node = nxt
+    if parts[-1] == "name" and "params" in node and node.get("name") != value:
+        node["params"] = {}  # the old plugin's params: not for the new one
     node[parts[-1]] = value
 
 
@@ -239,15 +245,21 @@ def build_config(
     file_data = read_config_file(config_file) if config_file else {}
     preset = preset or file_data.pop("preset", None) or "quick"
     file_data.pop("preset", None)
-    data = deep_merge(preset_data(preset), file_data)
+    base = preset_data(preset)
+    data = deep_merge(base, file_data)
     if config_file and "name" not in file_data:
         data["name"] = Path(config_file).stem
     if extra:
         data = deep_merge(data, extra)
-    for o in overrides or []:
+    # A plugin's name first, then its params: `--set x.name=other` starts `other` with no
+    # params (another plugin's params mean nothing to it), whatever the order on the line.
+    for o in sorted(overrides or [], key=lambda o: not o.split("=", 1)[0].strip().endswith(".name")):
         apply_override(data, o)
     data.pop("extends", None)
-    return validate(data)
+    cfg = validate(data)
+    cfg._preset_params = {s: copy.deepcopy((base.get(s) or {}).get("params") or {})
+                          for s in ("stitching", "indices", "evaluations")}
+    return cfg
 
 
 def config_json(cfg: RunConfig) -> str:

@@ -88,6 +88,8 @@ class RunContext:
     #: The evaluation this context was handed to, and the run its outputs go to.
     plugin: str | None = None
     run: JobRun | None = None
+    #: ``--no-reuse``: "all", kinds and plugin names whose finished jobs are not reused
+    no_reuse: frozenset[str] = frozenset()
 
     def for_evaluation(self, name: str, run: JobRun | None) -> RunContext:
         """This context for evaluation ``name`` logging to ``run`` (the same networks,
@@ -178,13 +180,27 @@ class RunContext:
         key = self.network_keys.get(model_name)
         return key or "weights:" + weights_fingerprint(self.networks[model_name])
 
+    def stored_key(self, key: str) -> str:
+        """The key a job of this evaluation is stored under: ``key`` combined with the
+        evaluation's name and the identity of its code (`PluginSet.code_identity`), so that
+        editing the evaluation's code never reuses what the old code computed."""
+        if self.plugin is None or self.plugins is None or self.plugin not in self.plugins.infos:
+            return key
+        from .keys import job_key
+
+        return job_key("evaluation_job", key=key, evaluation=self.plugin, code=self.plugins.code_identity(self.plugin))
+
     def find_job(self, key: str) -> FinishedJob | None:
-        """The finished job with key ``key`` (of this run or any earlier one in the store),
-        or None: its run FINISHED with every output written. Make the key with
-        `stitchbench.job_key` from everything the result depends on."""
+        """The finished job this evaluation stored with ``job_run(key=key)`` (in this run or
+        any earlier one in the store), or None: its run FINISHED with every output written.
+        Make the key with `stitchbench.job_key` from everything the result depends on; the
+        evaluation's code identity is added to it (`stored_key`). Always None for an
+        evaluation named by ``stitchbench run --no-reuse``."""
         from ..store.jobs import find_finished_job
 
-        return find_finished_job(key)
+        if {"all", "evaluation", self.plugin} & self.no_reuse:
+            return None
+        return find_finished_job(self.stored_key(key))
 
     @contextmanager
     def job_run(self, name: str, *, key: str, kind: str, tags: Mapping[str, str] | None = None) -> Iterator[JobRun]:
@@ -194,7 +210,7 @@ class RunContext:
         An exception ends the run FAILED and comes out naming the job and the evaluation."""
         from ..store.jobs import job_run
 
-        with job_run(name, kind=kind, plugin=self.plugin, key=key, tags=tags) as job:
+        with job_run(name, kind=kind, plugin=self.plugin, key=self.stored_key(key), tags=tags) as job:
             yield job
 
     # -- this evaluation's run -------------------------------------------------------------

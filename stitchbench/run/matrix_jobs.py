@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import JobError, job_errors
+from ..errors import JobError, PluginError, job_errors
 from ..execution import worker_state as worker
 from ..execution.executors import Executor, Future
 from ..execution.worker_state import NetworkResult
@@ -42,6 +42,7 @@ from ..progress import progress_bar
 from ..store import artifacts
 from ..store.jobs import JobRun, find_finished_job, job_run
 from ..workspace import mlruns_dir
+from . import boundary
 from .context import MatrixRecord
 from .plan import MatrixJob, Plan, PluginUse
 
@@ -137,6 +138,7 @@ def reuse_matrix(job: MatrixJob, plan: Plan, client: Any) -> MatrixRecord | None
 
 def _tags(job: MatrixJob) -> dict[str, str]:
     return {
+        "stitchbench.code": job.plugin.code,
         "stitchbench.scope": job.scope,
         "stitchbench.source": job.source.model_name,
         "stitchbench.target": job.target.model_name,
@@ -275,7 +277,7 @@ def _fit_cell(task: MatrixTask, problem: StitchingProblem, target_accuracy: floa
     torch.manual_seed(task.seed)
     with job_errors(cell, matcher.name):
         layer = matcher.fit(problem, job.plugin.params)
-    return _payload(problem, _checked(cell, matcher.name, layer), target_accuracy, task, cache)
+    return _payload(problem, boundary.stitching_layer(matcher, "fit()", layer, problem), target_accuracy, task, cache)
 
 
 def _fit_row(task: MatrixTask, problems: list[StitchingProblem], target_accuracy: float,
@@ -290,19 +292,12 @@ def _fit_row(task: MatrixTask, problems: list[StitchingProblem], target_accuracy
     with job_errors(cells, matcher.name):
         layers = list(matcher.fit_many(problems, job.plugin.params))
     if len(layers) != len(problems):
-        raise JobError(cells, matcher.name, ValueError(
-            f"fit_many() returned {len(layers)} stitchers for {len(problems)} problems"))
+        raise PluginError(matcher.name, f"fit_many() returned {len(layers)} stitchers for {len(problems)} problems "
+                          f"({cells})")
     return [
-        _payload(p, _checked(cells, matcher.name, layer), target_accuracy, task, cache)
+        _payload(p, boundary.stitching_layer(matcher, "fit_many()", layer, p), target_accuracy, task, cache)
         for p, layer in zip(problems, layers)
     ]
-
-
-def _checked(where: str, matcher: str, layer: Any) -> StitchingLayer:
-    if not isinstance(layer, StitchingLayer):
-        raise JobError(where, matcher, TypeError(
-            f"fit() returned {type(layer).__name__}, expected a stitchbench.StitchingLayer"))
-    return layer
 
 
 def _payload(problem: StitchingProblem, layer: StitchingLayer, target_accuracy: float, task: MatrixTask,
@@ -342,11 +337,7 @@ def compute_index_matrix(task: MatrixTask, data: Any, source: NetworkResult, tar
         shared=state.index_shared.setdefault(index.name, {}),
     )
     with job_errors(job.label, index.name):
-        values = np.asarray(index.matrix(sources, targets, ctx), dtype=float)
-    if values.shape != (len(task.layers), len(task.layers)):
-        raise JobError(job.label, index.name, ValueError(
-            f"matrix() returned shape {values.shape}, expected {(len(task.layers),) * 2}"))
-    return values
+        return boundary.index_matrix(index, sources, targets, ctx)
 
 
 @torch.no_grad()
@@ -389,6 +380,11 @@ def _fits(problem: StitchingProblem, cache: ActivationCache) -> bool:
 
 def cell_dir(job: MatrixJob, workspace: Path) -> Path:
     return mlruns_dir(workspace) / "cache" / job.key
+
+
+def discard_cells(job: MatrixJob, workspace: Path) -> None:
+    """Forget the finished cells an interrupted run of ``job`` kept for resuming."""
+    CellCache(cell_dir(job, workspace)).clear()
 
 
 def submit_matrix(

@@ -27,6 +27,7 @@ from ..store.jobs import job_run
 from ..store.report import REPORT_SECTION_ARTIFACT
 from ..store.runs import parent_run
 from ..store.tags import TAG_COMPLETE, TAG_KIND
+from . import boundary
 from .config import config_json, flat_params
 from .context import MatrixRecord, RunContext
 from .plan import NetworkSpec, Plan, PluginUse
@@ -102,6 +103,7 @@ def execute(plan: Plan, plugins: PluginSet, workspace: Path, *, client: Any = No
                 matrices=records, device=device, workspace=workspace, cache=state.cache, plugins=plugins,
                 run_id=parent.info.run_id, network_keys={n.model_name: n.key for n in plan.networks},
                 architecture=plan.architecture, executor=executor, data_key=plan.dataset_key,
+                no_reuse=plan.no_reuse,
             )
             for ev in plan.evaluations:
                 # Evaluations run here, in the driver (their tasks go to the executor through the
@@ -151,7 +153,7 @@ def _run_jobs(
     barrier); results are logged to MLflow here as they arrive. Returns the networks (in
     plan order), the matrix records (in job order), and how many matrix jobs were reused
     and computed."""
-    from .matrix_jobs import finish_matrix, reuse_matrix, submit_matrix
+    from .matrix_jobs import discard_cells, finish_matrix, reuse_matrix, submit_matrix
     from .network_jobs import finish_training, reuse_network, submit_training
 
     data = executor.share(plan.dataset_key, plan.data)
@@ -160,7 +162,7 @@ def _run_jobs(
     training: dict[Future, NetworkSpec] = {}
     for spec in plan.networks:
         with job_errors(f"network {spec.model_name}", plan.architecture.name):
-            net = reuse_network(plan, spec, client, device)
+            net = None if plan.recompute_networks() else reuse_network(plan, spec, client, device)
         if net is not None:
             found[spec.model_name] = net
             # In this process the network is in the worker state already; elsewhere it needs its weights.
@@ -172,9 +174,11 @@ def _run_jobs(
     records: list[MatrixRecord | None] = [None] * len(plan.jobs)
     todo = []
     for i, job in enumerate(plan.jobs):
-        rec = reuse_matrix(job, plan, client)
+        rec = None if plan.recompute(job.plugin) else reuse_matrix(job, plan, client)
         if rec is None:
             todo.append(i)
+            if plan.recompute(job.plugin):
+                discard_cells(job, workspace)  # --no-reuse: nor the cells of an interrupted run
         records[i] = rec
     # Fewer jobs than the executor has slots: stitching matrices go in parts (by source layer).
     parts = math.ceil(executor.slots() / len(todo)) if todo else 1
@@ -215,7 +219,7 @@ def _evaluate(ev: PluginUse, context: RunContext) -> EvaluationResult:
     """Run one evaluation in its nested run and log what it returns there."""
     with job_run(f"evaluation {ev.name}", kind="evaluation", plugin=ev.name) as out:
         with job_errors(f"evaluation {ev.name}", ev.name):
-            result = ev.obj.run(context.for_evaluation(ev.name, out), ev.params)
+            result = boundary.evaluation_result(ev.obj, ev.obj.run(context.for_evaluation(ev.name, out), ev.params))
         if result.metrics:
             out.log_metrics(result.metrics)
         for tname, table in result.tables.items():

@@ -11,10 +11,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ..errors import ConfigError, UsageError
+from ..errors import ConfigError, PluginError, UsageError
 from ..execution.executors import require_ray
 from ..plugin.manager import PluginSet
 from ..plugin.types import KINDS, Plugin
+from . import boundary, conformance
 from .config import RunConfig, format_validation_error
 from .keys import job_key
 
@@ -28,6 +29,8 @@ class PluginUse:
     name: str
     obj: Plugin
     params: Any
+    #: the identity of the plugin's code (`PluginSet.code_identity`), part of its jobs' keys
+    code: str = ""
 
     def params_dict(self) -> dict[str, Any]:
         return self.params.model_dump(mode="json") if hasattr(self.params, "model_dump") else {}
@@ -71,6 +74,15 @@ class Plan:
     jobs: list[MatrixJob] = field(default_factory=list)
     dataset_key: str = ""
     info: Any = None  # DatasetInfo of a plan made without loading data (None: unknown, or data loaded)
+    #: ``--no-reuse``: "all", plugin kinds and plugin names whose finished jobs are computed again
+    no_reuse: frozenset[str] = frozenset()
+
+    def recompute(self, use: PluginUse) -> bool:
+        """True when jobs of ``use``'s plugin must be computed again, not reused (``--no-reuse``)."""
+        return bool({"all", use.obj.kind, use.name} & self.no_reuse)
+
+    def recompute_networks(self) -> bool:
+        return self.recompute(self.architecture) or self.recompute(self.dataset)
 
     def describe(self) -> str:
         cfg = self.config
@@ -137,7 +149,9 @@ def apply_plugin_selection(cfg: RunConfig, plugins: PluginSet, selected: list[st
         data["stitching"]["matchers"] = chosen["matcher"]
         data["indices"]["names"] = chosen["similarity_index"]
         data["evaluations"]["names"] = chosen["evaluation"]
-    return RunConfig.model_validate(data), selection
+    out = RunConfig.model_validate(data)
+    out._preset_params = cfg._preset_params
+    return out, selection
 
 
 def make_plan(
@@ -147,6 +161,7 @@ def make_plan(
     selected: list[str] | None = None,
     load_data: bool = True,
     workspace: Path | None = None,
+    no_reuse: list[str] | None = None,
 ) -> Plan:
     cfg, selection = apply_plugin_selection(cfg, plugins, selected or [])
     if cfg.executor.name == "ray":
@@ -159,10 +174,12 @@ def make_plan(
             "choose a labelled data set (" + ", ".join(
                 n for n in plugins.names("dataset") if not getattr(plugins.objects[n], "auxiliary", False)) + ")"
         )
-    dataset = PluginUse(cfg.dataset.name, ds_obj, _validate_params(cfg.dataset.name, ds_obj, cfg.dataset.params, "dataset.params"))
+    dataset = PluginUse(cfg.dataset.name, ds_obj, _validate_params(cfg.dataset.name, ds_obj, cfg.dataset.params,
+                                                                   "dataset.params"), plugins.code_identity(ds_obj.name))
     arch_obj = plugins.get(cfg.networks.architecture.name, "architecture")
     arch = PluginUse(arch_obj.name, arch_obj, _validate_params(
-        arch_obj.name, arch_obj, cfg.networks.architecture.params, "networks.architecture.params"))
+        arch_obj.name, arch_obj, cfg.networks.architecture.params, "networks.architecture.params"),
+        plugins.code_identity(arch_obj.name))
 
     data_dir = Path(cfg.data_dir).expanduser() if cfg.data_dir else None
     if load_data and getattr(ds_obj, "needs_data_dir", False) and data_dir is None:
@@ -173,7 +190,7 @@ def make_plan(
     if data_dir is not None and not data_dir.exists():
         raise UsageError(f"--data-dir {data_dir} does not exist")
 
-    data = ds_obj.load(dataset.params, data_dir, cfg.download) if load_data else None
+    data = boundary.loaded_dataset(ds_obj, ds_obj.load(dataset.params, data_dir, cfg.download)) if load_data else None
     # Without the data (a dry run), what the plugin knows of it without reading it.
     info = None if data is not None else ds_obj.info(dataset.params)
 
@@ -183,8 +200,12 @@ def make_plan(
 
         num_classes, image_shape = (
             (data.num_classes, tuple(data.image_shape)) if data is not None else (info.num_classes, info.image_shape))
+        problems = conformance.architecture_problems(arch_obj, arch.params, num_classes, image_shape)
+        if problems:
+            raise PluginError(arch_obj.name, "the network it builds is not stitchable:\n  - " + "\n  - ".join(problems)
+                              + f"\n(`stitchbench plugins check {arch_obj.name}` repeats these checks)", usage=True)
         torch.manual_seed(0)
-        probe = arch_obj.build(arch.params, num_classes, image_shape)
+        probe = boundary.built_network(arch_obj, arch_obj.build(arch.params, num_classes, image_shape))
         all_layers = list(probe.layer_names)
         shapes = probe.layer_shapes(image_shape)
         del probe
@@ -194,6 +215,12 @@ def make_plan(
 
     matchers = _uses(plugins, "matcher", cfg.stitching.matchers, cfg.stitching.params, "stitching")
     indices = _uses(plugins, "similarity_index", cfg.indices.names, cfg.indices.params, "indices")
+    for use in indices:
+        problems = conformance.index_problems(use.obj, use.params)
+        if problems:
+            raise PluginError(use.name, "fails the similarity index checks on synthetic data:\n  - "
+                              + "\n  - ".join(problems) + f"\n(`stitchbench plugins check {use.name}` repeats them)",
+                              usage=True)
     ev_names = cfg.evaluations.names
     if ev_names is None:
         ev_names = plugins.names("evaluation")
@@ -218,8 +245,9 @@ def make_plan(
     # An evaluation with nothing to summarise is dropped (e.g. --plugin on a dataset only).
     if not matchers and not indices:
         evaluations = [e for e in evaluations if not getattr(e.obj, "summarises_matrices", False)]
+    _check_param_blocks(cfg, plugins, {u.name for u in matchers + indices + evaluations}, selection)
 
-    dataset_key = job_key("dataset", name=dataset.name, params=dataset.params_dict())
+    dataset_key = job_key("dataset", name=dataset.name, params=dataset.params_dict(), code=dataset.code)
     networks = []
     for pos, seed in enumerate(cfg.networks.seed_list()):
         key = job_key(
@@ -227,6 +255,7 @@ def make_plan(
             dataset=dataset_key,
             architecture=arch.name,
             arch_params=arch.params_dict(),
+            code=arch.code,
             training=cfg.networks.training.model_dump(mode="json"),
             seed=seed,
         )
@@ -237,6 +266,7 @@ def make_plan(
 
     plan = Plan(cfg, dataset, arch, data, networks, layers, shapes, matchers, indices, evaluations,
                 dataset_key=dataset_key, info=info)
+    plan.no_reuse = _no_reuse(no_reuse or [], plan, plugins)
     plan.jobs = _jobs(plan)
     return plan
 
@@ -266,14 +296,61 @@ def resolve_layers(wanted: list[int | str] | None, all_layers: list[str], arch: 
 def _uses(plugins: PluginSet, kind: str, names: list[str] | None, params: dict[str, dict], section: str) -> list[PluginUse]:
     if names is None:
         names = plugins.names(kind)
-    for pname in params:
-        if pname not in plugins.infos:
-            plugins.get(pname, kind)  # unknown: raises with the known names
     uses = []
     for name in names:
         obj = plugins.get(name, kind)
-        uses.append(PluginUse(name, obj, _validate_params(name, obj, params.get(name, {}), f"{section}.params.{name}")))
+        uses.append(PluginUse(name, obj, _validate_params(name, obj, params.get(name, {}), f"{section}.params.{name}"),
+                              plugins.code_identity(name)))
     return uses
+
+
+#: Where each kind's params are written in a run config.
+PARAMS_SECTION = {
+    "dataset": "dataset.params",
+    "architecture": "networks.architecture.params",
+    "matcher": "stitching.params",
+    "similarity_index": "indices.params",
+    "evaluation": "evaluations.params",
+}
+_LIST_OF = {"stitching.params": "stitching.matchers", "indices.params": "indices.names",
+            "evaluations.params": "evaluations.names"}
+
+
+def _check_param_blocks(cfg: RunConfig, plugins: PluginSet, in_run: set[str], selection: bool) -> None:
+    """Every params block names a plugin of its section's kind that is in the run; one that
+    is not is an error saying where it belongs. Allowed: blocks of plugins that ``--plugin``
+    left out of the run, and blocks left as the preset wrote them (a preset's settings for a
+    plugin a user's list leaves out)."""
+    for section, kind, blocks in (("stitching.params", "matcher", cfg.stitching.params),
+                                  ("indices.params", "similarity_index", cfg.indices.params),
+                                  ("evaluations.params", "evaluation", cfg.evaluations.params)):
+        for pname in blocks:
+            info = plugins.infos.get(pname)
+            if info is None:
+                plugins.get(pname, kind)  # unknown: raises with the known names
+            elif info.kind != kind:
+                raise ConfigError(f"{section}.{pname}: {pname} is a {info.kind.replace('_', ' ')}, not a "
+                                  f"{kind.replace('_', ' ')}; its params belong under {PARAMS_SECTION[info.kind]}"
+                                  + (f".{pname}" if info.kind in ("matcher", "similarity_index", "evaluation") else
+                                     f" (with {PARAMS_SECTION[info.kind].rsplit('.', 1)[0]}.name: {pname})"))
+            elif (pname not in in_run and not selection
+                  and blocks[pname] != cfg._preset_params.get(section.split(".")[0], {}).get(pname)):
+                listed = _LIST_OF[section]
+                raise ConfigError(f"{section}.{pname}: {pname} is not in this run ({listed} does not include it), so "
+                                  f"these params would be ignored; add {pname} to {listed}, or remove its params")
+
+
+def _no_reuse(wanted: list[str], plan: Plan, plugins: PluginSet) -> frozenset[str]:
+    """``--no-reuse`` values checked: "all", a plugin kind, or the name of a plugin of the run."""
+    in_run = {u.name for u in [plan.dataset, plan.architecture, *plan.matchers, *plan.indices, *plan.evaluations]}
+    for w in wanted:
+        if w == "all" or w in KINDS or w in in_run:
+            continue
+        if w in plugins.infos:
+            raise UsageError(f"--no-reuse {w}: {w} is not in this run (its plugins: {', '.join(sorted(in_run))})")
+        raise UsageError(f"--no-reuse {w}: give `all`, a plugin kind ({', '.join(KINDS)}) or the name of a plugin "
+                         f"of this run ({', '.join(sorted(in_run))})")
+    return frozenset(wanted)
 
 
 def _jobs(plan: Plan) -> list[MatrixJob]:
@@ -295,6 +372,7 @@ def _jobs(plan: Plan) -> list[MatrixJob]:
                     kind,
                     plugin=use.name,
                     params=use.params_dict(),
+                    code=use.code,
                     source=src.key,
                     target=tgt.key,
                     layers=plan.layers,

@@ -118,6 +118,8 @@ class DingTest(Evaluation):
     """Shared run logic of the two tests; subclasses build the sets."""
 
     requires: ClassVar[tuple[str, ...]] = ("dm", "lcka", "pwcca", "opd", "dm_struct")
+    #: one-epoch probes and few permutations for `stitchbench plugins check`
+    check_params: ClassVar[dict[str, Any]] = {"probe": {"epochs": 1}, "n_permutations": 20}
     test_name: ClassVar[str] = ""
 
     def build_sets(self, context: RunContext, params: Any) -> list[RepSet]:

@@ -18,7 +18,7 @@ plugin (no torch: listing plugins imports this module).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import stitchbench
 from stitchbench import Cost, Evaluation, EvaluationResult, PlanSummary
@@ -35,6 +35,12 @@ class EnergyOOD(Evaluation):
     name = "energy_ood"
     summarises_matrices = False
     Params = EnergyOODParams
+    #: tiny detectors for `stitchbench plugins check` (seconds, not the paper's hours)
+    check_params: ClassVar[dict[str, Any]] = {
+        "auxiliary": {"params": {"n_train": 64, "n_test": 48}},
+        "pretrain": {"epochs": 1}, "finetune": {"epochs": 1},
+        "resnet": {"width": 4, "stages": 1, "blocks": 1, "upsample_to": None}, "vit": {"depth": 1, "num_heads": 1},
+    }
 
     def estimate_cost(self, params: Any, plan: PlanSummary) -> list[Cost]:
         """Detectors counted as networks of the run's architecture (the paper's detectors
