@@ -29,5 +29,6 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check stitchbench plugins tests benchmarks
 
-clean-runs:
-	rm -rf mlruns/mlflow.db mlruns/artifacts mlruns/cache
+# This workspace's results (runs, artifacts, models, caches); registry/ is kept.
+clean-runs: $(STAMP)
+	$(VENV)/bin/stitchbench clean

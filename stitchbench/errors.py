@@ -42,7 +42,8 @@ class JobError(StitchbenchError):
 
     def __init__(self, job: str, plugin: str | None, cause: BaseException):
         where = f"job {job}" + (f" (plugin {plugin})" if plugin else "")
-        super().__init__(f"{where} failed: {type(cause).__name__}: {cause}")
+        what = str(cause) if isinstance(cause, PluginError) else f"{type(cause).__name__}: {cause}"
+        super().__init__(f"{where} failed: {what}")
         self.job = job
         self.plugin = plugin
         self.cause = cause
@@ -51,10 +52,15 @@ class JobError(StitchbenchError):
 @contextmanager
 def job_errors(job: str, plugin: str | None) -> Iterator[None]:
     """Within the block, an exception that is not a `StitchbenchError` comes out as a
-    `JobError` naming ``job`` and ``plugin`` (the original is its ``cause``); a
+    `JobError` naming ``job`` and ``plugin`` (the original is its ``cause``), and so does a
+    `PluginError` (what a plugin returned was refused: the job says where); any other
     `StitchbenchError` passes unchanged (its message is already complete)."""
     try:
         yield
+    except PluginError as e:
+        if e.exit_code == 2:  # a usage error (a plugin that cannot be loaded or used): as it is
+            raise
+        raise JobError(job, plugin, e) from e
     except StitchbenchError:
         raise
     except Exception as e:

@@ -42,7 +42,7 @@ def check_plugins(args: argparse.Namespace, ws: Path) -> int:
         r = run_checks(plugins.objects[name], params, plugins=plugins)
         seconds = time.perf_counter() - start
         results.append({"name": name, "kind": r.kind, "ok": r.ok, "checks": r.checks, "problems": r.problems,
-                        "seconds": round(seconds, 2)})
+                        "seconds": round(seconds, 2), "code": plugins.code_identity(name)})
         if not args.json:
             status = "ok  " if r.ok else "FAIL"
             print(f"{status} {name:22} {r.kind:16} {seconds:5.1f} s  {', '.join(r.checks) if r.ok else ''}".rstrip())

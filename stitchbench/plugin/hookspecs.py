@@ -26,7 +26,13 @@ Example, a complete third-party plugin in one file::
 
 Registered names are unique across all kinds; they are what ``--plugin NAME``, configs,
 reports and metric keys use. Keep module-level imports light (no torch): ``stitchbench
-plugins list`` imports every plugin module, and it must stay fast.
+plugins list`` imports every plugin module, and it must stay fast. An architecture keeps
+its network class (a `stitchbench.StitchableNetwork`, which needs torch) in another module
+of its package and imports that module inside ``build()``.
+
+docs/plugins.md describes every kind's interface, with a complete, tested example of each
+(docs/examples/); ``stitchbench plugins new KIND NAME`` writes a package to start from and
+``stitchbench plugins check NAME`` checks a plugin the way a run does.
 """
 
 from __future__ import annotations
@@ -45,9 +51,10 @@ def register_datasets(register: Callable[[stitchbench.DatasetPlugin], None]) -> 
 
     A dataset plugin's ``load(params, data_dir, download)`` returns a
     `stitchbench.LoadedDataset` (train / test splits of ``(image, label)`` pairs, the number
-    of classes, the image shape ``(C, H, W)`` and an optional batch augmentation). Auxiliary
-    out-of-distribution sets set ``auxiliary = True``. Called once per plugin when plugins
-    are loaded.
+    of classes, the image shape ``(C, H, W)`` and an optional batch augmentation);
+    ``info(params)`` may return a `stitchbench.DatasetInfo` without loading anything (for
+    ``--dry-run``). Auxiliary out-of-distribution sets set ``auxiliary = True``. Called once
+    per plugin when plugins are loaded.
     """
 
 
@@ -71,9 +78,10 @@ def register_matchers(register: Callable[[stitchbench.Matcher], None]) -> None: 
 
     A matcher's ``fit(problem, params)`` receives a `stitchbench.StitchingProblem` (source
     network and layer, target network and layer, the data, the device) and returns a fitted
-    `stitchbench.StitchingLayer`. The core evaluates the stitched network and records the
-    relative accuracy under the matcher's name. Called once per plugin when plugins are
-    loaded.
+    `stitchbench.StitchingLayer` (made by ``problem.new_layer()``; its ``fit_info`` is kept
+    with the matrix). The core checks it (the two shapes, finite parameters), evaluates the
+    stitched network and records the relative accuracy under the matcher's ``measure()``.
+    Called once per plugin when plugins are loaded.
     """
 
 
@@ -82,11 +90,14 @@ def register_similarity_indices(register: Callable[[stitchbench.SimilarityIndex]
     """Register structural similarity indices: call ``register(index)`` with a
     `stitchbench.SimilarityIndex` instance for each one.
 
-    An index has ``compute(A, B) -> float`` for two activation matrices whose rows are the
-    same examples (A: (n, p1), B: (n, p2), numpy or torch) and a bool
-    ``higher_is_more_similar``. It may override ``matrix(sources, targets, context)`` to fill
-    a whole matrix from per-layer statistics computed once. Called once per plugin when
-    plugins are loaded.
+    An index has ``compute(A, B, params=None) -> float`` for two activation matrices whose
+    rows are the same examples (A: (n, ...), B: (n, ...), numpy or torch; ``params`` its
+    validated `Params`, None for the defaults), a bool ``higher_is_more_similar`` and, when
+    ``compute(A, B) != compute(B, A)``, ``symmetric = False``. It may override
+    ``matrix(sources, targets, context)`` to fill a whole matrix from per-layer statistics
+    computed once (``context.params`` holds its params). Every value must be finite: raise
+    an error saying why instead of returning NaN. Called once per plugin when plugins are
+    loaded.
     """
 
 

@@ -364,8 +364,13 @@ def _import_path(path: Path, name: str) -> ModuleType:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist (registered in registry/plugins.toml)")
     modname = f"stitchbench_registered.{re.sub(r'[^A-Za-z0-9_]', '_', name)}"
+    stamp = _source_stamp(path)
     if modname in sys.modules:
-        return sys.modules[modname]
+        if getattr(sys.modules[modname], "__stitchbench_stamp__", None) == stamp:
+            return sys.modules[modname]
+        # edited since this process imported it: import the new code (and its submodules)
+        for m in [m for m in sys.modules if m == modname or m.startswith(modname + ".")]:
+            del sys.modules[m]
     if path.is_dir():
         spec = importlib.util.spec_from_file_location(
             modname, path / "__init__.py", submodule_search_locations=[str(path)]
@@ -381,7 +386,14 @@ def _import_path(path: Path, name: str) -> ModuleType:
     except BaseException:
         sys.modules.pop(modname, None)
         raise
+    module.__stitchbench_stamp__ = stamp
     return module
+
+
+def _source_stamp(path: Path) -> tuple[tuple[str, int, int], ...]:
+    """Modification times and sizes of a path plugin's source files."""
+    files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+    return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
 
 
 def list_plugins(kind: str | None = None, workspace: Path | None = None) -> list[PluginInfo]:

@@ -21,8 +21,10 @@ from . import boundary
 TOL = 1e-6
 
 
-def architecture_problems(arch: Any, params: Any, num_classes: int, image_shape: Sequence[int]) -> list[str]:
-    """Build one network with ``params`` (seeded) and check it (`network_problems`)."""
+def architecture_problems(arch: Any, params: Any, num_classes: int, image_shape: Sequence[int], *,
+                          every_layer: bool = True) -> list[str]:
+    """Build one network with ``params`` (seeded) and check it (`network_problems`; a run
+    checks with ``every_layer=False``, `plugins check` every layer)."""
     import torch
 
     from ..nn.conformance import network_problems
@@ -32,7 +34,7 @@ def architecture_problems(arch: Any, params: Any, num_classes: int, image_shape:
         net = arch.build(params, num_classes, tuple(image_shape))
     except Exception as e:  # noqa: BLE001 - the plugin's code raised
         return [f"build(params, {num_classes}, {tuple(image_shape)}) raised {type(e).__name__}: {e}"]
-    return network_problems(net, num_classes, image_shape)
+    return network_problems(net, num_classes, image_shape, batch=2 if every_layer else 1, every_layer=every_layer)
 
 
 def synthetic_pair(n: int = 48, p1: int = 6, p2: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -140,6 +140,7 @@ def _parent_tags(plan: Plan, executor: Executor) -> dict[str, str]:
         "stitchbench.command": shlex.join(["stitchbench", *sys.argv[1:]]) if sys.argv else "stitchbench run",
         "stitchbench.plan": ",".join(u.name for u in plan.matchers + plan.indices + plan.evaluations),
         "stitchbench.executor": executor.describe(),
+        **({"stitchbench.no_reuse": ",".join(sorted(plan.no_reuse))} if plan.no_reuse else {}),
         "mlflow.note.content": plan.config.description or f"stitchbench run of {plan.config.name}",
     }
 

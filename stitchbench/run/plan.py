@@ -200,7 +200,8 @@ def make_plan(
 
         num_classes, image_shape = (
             (data.num_classes, tuple(data.image_shape)) if data is not None else (info.num_classes, info.image_shape))
-        problems = conformance.architecture_problems(arch_obj, arch.params, num_classes, image_shape)
+        problems = conformance.architecture_problems(arch_obj, arch.params, num_classes, image_shape,
+                                                     every_layer=False)
         if problems:
             raise PluginError(arch_obj.name, "the network it builds is not stitchable:\n  - " + "\n  - ".join(problems)
                               + f"\n(`stitchbench plugins check {arch_obj.name}` repeats these checks)", usage=True)
@@ -350,6 +351,10 @@ def _no_reuse(wanted: list[str], plan: Plan, plugins: PluginSet) -> frozenset[st
             raise UsageError(f"--no-reuse {w}: {w} is not in this run (its plugins: {', '.join(sorted(in_run))})")
         raise UsageError(f"--no-reuse {w}: give `all`, a plugin kind ({', '.join(KINDS)}) or the name of a plugin "
                          f"of this run ({', '.join(sorted(in_run))})")
+    networks = {"dataset", "architecture", plan.dataset.name, plan.architecture.name}
+    if networks & set(wanted):
+        # every other job is computed from the networks: retrained networks, everything anew
+        return frozenset({"all", *wanted})
     return frozenset(wanted)
 
 
