@@ -298,3 +298,23 @@ def test_tiny_run_end_to_end(trained_workspace, rerun_workspace, cli_here):
 
 def _artifact(client, run_id, path):
     return open(client.download_artifacts(run_id, path)).read()
+
+
+def test_a_probes_seed_follows_the_networks_name_not_the_code_identity_in_its_key():
+    """A probe's seed (its key) must not change when only the identity of the plugins' code
+    in the network's job key does (an edit, an editable install against a release); the job
+    key, which decides reuse across runs, must."""
+    from stitchbench_plugins.evaluations.ding.probes import probe_job_key, probe_key
+    from stitchbench_plugins.evaluations.ding.representations import Rep
+
+    from stitchbench.testing import fake_context
+
+    ctx = fake_context()
+    net = next(iter(ctx.networks))
+    params = ProbeParams()
+    rep = Rep(net, "b1", rank=2)
+    ctx.network_keys = {net: "key-with-code-src:aaaa"}
+    seed_a, job_a = probe_key(ctx, rep, params), probe_job_key(ctx, net, "b1", [2], params, "code")
+    ctx.network_keys = {net: "key-with-code-src:bbbb"}
+    assert probe_key(ctx, rep, params) == seed_a
+    assert probe_job_key(ctx, net, "b1", [2], params, "code") != job_a

@@ -470,3 +470,29 @@ def test_dir_lists_the_lazy_exports():
     assert set(stitchbench.__all__) <= set(dir(stitchbench))
     assert {"StitchableNetwork", "RunContext", "MatrixRecord", "StitchingProblem"} <= set(dir(stitchbench))
 
+
+
+ALWAYS_NAN = '''
+import stitchbench
+
+class AlwaysNan(stitchbench.SimilarityIndex):
+    """An index that always returns NaN (a broken test plugin)."""
+    name = "always_nan"
+
+    def compute(self, A, B):
+        return float("nan")
+
+@stitchbench.hookimpl
+def register_similarity_indices(register):
+    register(AlwaysNan())
+'''
+
+
+def test_an_index_failing_the_load_checks_is_refused_before_the_run(workspace, tmp_path, cli_here):
+    f = tmp_path / "always_nan.py"
+    f.write_text(ALWAYS_NAN)
+    assert cli_here("plugins", "register", str(f), cwd=workspace).returncode == 0
+    p = cli_here("run", "--dry-run", "--plugin", "always_nan", cwd=workspace)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "plugin always_nan: fails the similarity index checks on synthetic data" in p.stderr
+    assert "compute() returned nan" in p.stderr and "stitchbench plugins check always_nan" in p.stderr

@@ -85,6 +85,19 @@ def test_scaffold_module_is_light():
     assert json.loads(out) == []
 
 
+def test_every_template_file_is_used_and_every_used_one_exists():
+    from stitchbench.cli.scaffold import template_files
+
+    root = REPO / "stitchbench" / "cli" / "templates"
+    on_disk = {f.relative_to(root).as_posix() for f in root.rglob("*") if f.is_file()}
+    used = {rel for kind in KINDS for rel in template_files(kind)}
+    assert on_disk == used  # no orphan template, no missing one
+    # ... and each is shipped as package data (the globs in pyproject.toml), not as a module.
+    globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    shipped = {f.relative_to(root.parent).as_posix() for g in globs["stitchbench.cli"] for f in root.parent.glob(g)}
+    assert {f"templates/{rel}" for rel in used} <= shipped
+    assert all(rel.endswith(".tmpl") for rel in used)
+
 def _generate_all(cli_here, where: Path) -> dict[str, Path]:
     dirs = {}
     for kind, name in NAMES.items():

@@ -89,22 +89,14 @@ def _live_runs(db: Path) -> list[str]:
             con.close()
     except sqlite3.Error:
         return []  # not a store we can read: nothing we know to be running
+    from ..store.connection import process_alive
+
     host = socket.gethostname()
     live = []
     for pid, run_host in rows:
-        if run_host == host and str(pid).isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+        if run_host == host and str(pid).isdigit() and int(pid) != os.getpid() and process_alive(int(pid)):
             live.append(str(pid))
     return sorted(set(live))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _size(p: Path) -> int:

@@ -8,12 +8,13 @@ settings, the keys of the jobs it reads (a network's key, not its name), and the
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import inspect
 import json
 import textwrap
 from typing import Any
+
+from ..plugin.identity import normalised_source
 
 #: Bump when a change to the core would change what a finished job contains.
 CORE_JOB_VERSION = 1
@@ -51,14 +52,7 @@ def _code_identity(obj: Any) -> str:
         source = textwrap.dedent(inspect.getsource(obj))
     except (OSError, TypeError):
         return f"{name}@{_package_version(obj)}"
-    tree = ast.parse(source)
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
-                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
-                and isinstance(body[0].value.value, str)):
-            node.body = body[1:] or [ast.Pass()]
-    return f"{name}:{ast.dump(tree, include_attributes=False)}"
+    return f"{name}:{normalised_source(source)}"
 
 
 def _package_version(obj: Any) -> str:

@@ -216,12 +216,6 @@ def make_plan(
 
     matchers = _uses(plugins, "matcher", cfg.stitching.matchers, cfg.stitching.params, "stitching")
     indices = _uses(plugins, "similarity_index", cfg.indices.names, cfg.indices.params, "indices")
-    for use in indices:
-        problems = conformance.index_problems(use.obj, use.params)
-        if problems:
-            raise PluginError(use.name, "fails the similarity index checks on synthetic data:\n  - "
-                              + "\n  - ".join(problems) + f"\n(`stitchbench plugins check {use.name}` repeats them)",
-                              usage=True)
     ev_names = cfg.evaluations.names
     if ev_names is None:
         ev_names = plugins.names("evaluation")
@@ -247,6 +241,12 @@ def make_plan(
     if not matchers and not indices:
         evaluations = [e for e in evaluations if not getattr(e.obj, "summarises_matrices", False)]
     _check_param_blocks(cfg, plugins, {u.name for u in matchers + indices + evaluations}, selection)
+    for use in indices:  # those the evaluations require too
+        problems = conformance.index_problems(use.obj, use.params)
+        if problems:
+            raise PluginError(use.name, "fails the similarity index checks on synthetic data:\n  - "
+                              + "\n  - ".join(problems) + f"\n(`stitchbench plugins check {use.name}` repeats them)",
+                              usage=True)
 
     dataset_key = job_key("dataset", name=dataset.name, params=dataset.params_dict(), code=dataset.code)
     networks = []

@@ -207,7 +207,8 @@ def this_process_tags() -> dict[str, str]:
     return {"stitchbench.host": socket.gethostname(), "stitchbench.pid": str(os.getpid())}
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """True when process ``pid`` exists on this machine (also when it belongs to another user)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -231,7 +232,7 @@ def end_stale_runs(client: Any, experiment_id: str) -> list[str]:
     for run in running:
         tags = run.data.tags
         pid = tags.get("stitchbench.pid")
-        if tags.get("stitchbench.host") != host or not pid or not pid.isdigit() or _alive(int(pid)):
+        if tags.get("stitchbench.host") != host or not pid or not pid.isdigit() or process_alive(int(pid)):
             continue
         children = client.search_runs(
             [experiment_id],

@@ -28,15 +28,19 @@ log = logging.getLogger(__name__)
 #: The artifact of a probe job: ``{"version", "probes": {rank or "full": accuracy}}``.
 PROBE_ARTIFACT = "probes.json"
 #: Bump when the definition of a probe or of the low-rank approximation changes.
-PROBE_VERSION = 2
+PROBE_VERSION = 3
 
 
 def probe_key(context: RunContext, rep: Rep, params: ProbeParams) -> str:
-    """What identifies ``rep``'s probe; its first 32 bits seed the probe's initialisation."""
+    """What identifies ``rep``'s probe within a run; its first 32 bits seed the probe's
+    initialisation. The network enters by its name (data set, architecture tag, seed), not
+    its job key: the key also holds the identity of the plugins' code (an edit, or an
+    editable install instead of a release), which must not change a probe's seed. Reuse
+    across runs goes by `probe_job_key`, which has the network's key."""
     return stitchbench.job_key(
         "ding_probe",
         version=PROBE_VERSION,
-        network=context.network_key(rep.network),
+        network=rep.network,
         dataset=context.config.dataset.model_dump(mode="json"),
         layer=rep.layer,
         rank=rep.rank,
