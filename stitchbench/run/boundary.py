@@ -138,26 +138,6 @@ def evaluation_result(evaluation: Any, result: Any) -> Any:
     return result
 
 
-def built_network(architecture: Any, net: Any) -> Any:
-    """An architecture's ``build()`` result, checked: a `StitchableNetwork` (an
-    ``nn.Module``) with at least one stitchable layer name."""
-    from ..nn.network import StitchableNetwork
-
-    if not isinstance(net, StitchableNetwork):
-        hint = (" It is a plain nn.Module: subclass stitchbench.StitchableNetwork (set stem, blocks as an "
-                "nn.ModuleList, head and layer_names) or give it front/back/activations"
-                if hasattr(net, "parameters") else "")
-        raise PluginError(architecture.name, f"build() returned {_describe(net)}; expected a "
-                          f"stitchbench.StitchableNetwork.{hint}")
-    names = getattr(net, "layer_names", None)
-    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n for n in names):
-        raise PluginError(architecture.name, f"build() returned a network whose layer_names is {names!r}; it must "
-                          "be a non-empty list of layer names (strings)")
-    if len(set(names)) != len(names):
-        raise PluginError(architecture.name, f"build() returned a network with repeated layer names {list(names)}")
-    return net
-
-
 def loaded_dataset(dataset: Any, data: Any) -> Any:
     """A dataset's ``load()`` result, checked: a `LoadedDataset` with both splits."""
     from ..nn.data import LoadedDataset

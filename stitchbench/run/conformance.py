@@ -25,6 +25,13 @@ def architecture_problems(arch: Any, params: Any, num_classes: int, image_shape:
                           every_layer: bool = True) -> list[str]:
     """Build one network with ``params`` (seeded) and check it (`network_problems`; a run
     checks with ``every_layer=False``, `plugins check` every layer)."""
+    return checked_network(arch, params, num_classes, image_shape, every_layer=every_layer)[1]
+
+
+def checked_network(arch: Any, params: Any, num_classes: int, image_shape: Sequence[int], *,
+                    every_layer: bool = True) -> tuple[Any, list[str]]:
+    """(the network ``arch`` builds with ``params``, seeded with 0, in eval mode, or None
+    when ``build`` raised; its problems)."""
     import torch
 
     from ..nn.conformance import network_problems
@@ -33,8 +40,9 @@ def architecture_problems(arch: Any, params: Any, num_classes: int, image_shape:
     try:
         net = arch.build(params, num_classes, tuple(image_shape))
     except Exception as e:  # noqa: BLE001 - the plugin's code raised
-        return [f"build(params, {num_classes}, {tuple(image_shape)}) raised {type(e).__name__}: {e}"]
-    return network_problems(net, num_classes, image_shape, batch=2 if every_layer else 1, every_layer=every_layer)
+        return None, [f"build(params, {num_classes}, {tuple(image_shape)}) raised {type(e).__name__}: {e}"]
+    return net, network_problems(net, num_classes, image_shape, batch=2 if every_layer else 1,
+                                 every_layer=every_layer)
 
 
 def synthetic_pair(n: int = 48, p1: int = 6, p2: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

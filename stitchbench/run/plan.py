@@ -194,19 +194,16 @@ def make_plan(
     # Without the data (a dry run), what the plugin knows of it without reading it.
     info = None if data is not None else ds_obj.info(dataset.params)
 
-    # Names and shapes of the layers come from one throwaway instance of the architecture.
+    # Names and shapes of the layers come from one throwaway instance of the architecture,
+    # checked first (a network that cannot be stitched fails here, in a second).
     if data is not None or info is not None:
-        import torch
-
         num_classes, image_shape = (
             (data.num_classes, tuple(data.image_shape)) if data is not None else (info.num_classes, info.image_shape))
-        problems = conformance.architecture_problems(arch_obj, arch.params, num_classes, image_shape,
-                                                     every_layer=False)
+        probe, problems = conformance.checked_network(arch_obj, arch.params, num_classes, image_shape,
+                                                      every_layer=False)
         if problems:
             raise PluginError(arch_obj.name, "the network it builds is not stitchable:\n  - " + "\n  - ".join(problems)
                               + f"\n(`stitchbench plugins check {arch_obj.name}` repeats these checks)", usage=True)
-        torch.manual_seed(0)
-        probe = boundary.built_network(arch_obj, arch_obj.build(arch.params, num_classes, image_shape))
         all_layers = list(probe.layer_names)
         shapes = probe.layer_shapes(image_shape)
         del probe
