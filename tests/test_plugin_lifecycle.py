@@ -496,3 +496,45 @@ def test_an_index_failing_the_load_checks_is_refused_before_the_run(workspace, t
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "plugin always_nan: fails the similarity index checks on synthetic data" in p.stderr
     assert "compute() returned nan" in p.stderr and "stitchbench plugins check always_nan" in p.stderr
+
+
+class _Asymmetric(stitchbench.SimilarityIndex):
+    """Mean of A over the norm of B: asymmetric, but does not say so."""
+
+    name = "asym_test"
+    higher_is_more_similar = False
+
+    def compute(self, A, B):
+        a, b = np.asarray(A, float).reshape(len(A), -1), np.asarray(B, float).reshape(len(B), -1)
+        return float(abs(a.std() - b.std()) * (1 + a.shape[1]))
+
+
+class _WrongWay(stitchbench.Matcher):
+    """Returns a layer for the swapped shapes."""
+
+    name = "wrong_way_test"
+
+    def fit(self, problem, params):
+        return stitchbench.StitchingLayer(problem.target_shape, problem.source_shape)
+
+
+class _DictEvaluation(stitchbench.Evaluation):
+    """Returns a dict instead of an EvaluationResult."""
+
+    name = "dict_eval_test"
+
+    def run(self, context, params):
+        return {"metric": 1.0}
+
+
+@pytest.mark.parametrize(("plugin", "message"), [
+    (_Asymmetric(), "set `symmetric = False` on the index if that is intended"),
+    (_WrongWay(), "fit() returned a stitching layer for shapes (8, 4, 4) -> (4, 8, 8)"),
+    (_DictEvaluation(), "run() returned dict"),
+])
+def test_check_plugin_finds_what_is_wrong_with_each_kind(plugin, message):
+    from stitchbench.testing import PluginCheckError, check_plugin, plugin_problems
+
+    assert any(message in p for p in plugin_problems(plugin)), plugin_problems(plugin)
+    with pytest.raises(PluginCheckError, match=re.escape(message)):
+        check_plugin(plugin)

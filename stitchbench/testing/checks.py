@@ -16,7 +16,9 @@ the names of the checks that ran; `plugin_problems(obj)` returns the problems in
   symmetry unless ``symmetric = False``, ``matrix`` agrees with ``compute``, numpy and
   torch inputs agree (`stitchbench.run.conformance`).
 * evaluation: ``run`` on a `fake_context` (with the plugins its ``requires`` names)
-  returns an `EvaluationResult` with finite metrics and JSON-able tables and report.
+  returns an `EvaluationResult` whose metrics are numbers (a NaN one, an undefined
+  statistic, is left out with a warning, as in a run) and whose tables and report are
+  JSON-able.
 
 A plugin's ``check_params`` (a dict, default empty) are the params the checks use: small
 settings (one epoch, a few examples) so that a check takes seconds.
@@ -164,7 +166,8 @@ def _matcher(matcher: Any, params: Any, result: CheckResult, **_: Any) -> None:
 
 def _index(index: Any, params: Any, result: CheckResult, **_: Any) -> None:
     result.problems += conformance.index_problems(index, params, thorough=True)
-    result.checks += ["finite values", "identical inputs", "symmetry", "matrix", "torch input"]
+    result.checks += ["finite values", "identical inputs", *(["symmetry"] if getattr(index, "symmetric", True) else []),
+                      "matrix", "torch input"]
 
 
 def _evaluation(ev: Any, params: Any, result: CheckResult, *, plugins: Any = None, **_: Any) -> None:
@@ -177,7 +180,7 @@ def _evaluation(ev: Any, params: Any, result: CheckResult, *, plugins: Any = Non
     check_params = {p.name: getattr(p, "check_params", None) or {} for p in needs}
     ctx = fake_context(matchers=matchers, indices=indices, plugins=plugin_set, params=check_params)
     out = boundary.evaluation_result(ev, ev.run(ctx.for_evaluation(ev.name, None), params))
-    result.checks += ["run", "finite metrics"]
+    result.checks += ["run", "numeric metrics"]
     for what, obj in (("tables", out.tables), ("report", out.report)):
         try:
             json.loads(to_json(obj))
