@@ -163,6 +163,67 @@ def test_resnet_stem_and_input_channels() -> None:
     assert net(torch.rand(2, 1, 8, 8)).shape == (2, 10)
 
 
+def test_resnet_imagenet_stem_is_torchvisions() -> None:
+    """``stem: imagenet``: torchvision's 7x7/2 conv + BN + ReLU + 3x3/2 max-pool; 224 -> 56."""
+    net = ResNet18().build({"stem": "imagenet"}, 1000, (3, 224, 224)).eval()
+    conv, bn, relu, pool = net.stem
+    assert isinstance(conv, nn.Conv2d) and conv.bias is None
+    got = (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding)
+    assert got == (3, 64, (7, 7), (2, 2), (3, 3))
+    assert isinstance(bn, nn.BatchNorm2d) and isinstance(relu, nn.ReLU)
+    assert isinstance(pool, nn.MaxPool2d)
+    assert (pool.kernel_size, pool.stride, pool.padding) == (3, 2, 1)
+    with torch.no_grad():
+        assert net.stem(torch.rand(1, 3, 224, 224)).shape == (1, 64, 56, 56)
+    expected = [(64, 56, 56)] * 2 + [(128, 28, 28)] * 2 + [(256, 14, 14)] * 2 + [(512, 7, 7)] * 2
+    assert list(net.layer_shapes((3, 224, 224)).values()) == expected
+    assert net.layer_names == RESNET_NAMES
+
+
+def test_resnet_imagenet_stem_matches_torchvision_state_dict() -> None:
+    """Stem parameters and buffers of torchvision's ``resnet18()`` (conv1, bn1) have the
+    shapes of ours (stem.0, stem.1), in order; so have the blocks and the classifier, and
+    the parameter counts are equal."""
+    torchvision = pytest.importorskip("torchvision")
+    ref = torchvision.models.resnet18(weights=None, num_classes=1000)
+    net = ResNet18().build({"stem": "imagenet"}, 1000, (3, 224, 224))
+    ours = [(k, tuple(v.shape)) for k, v in net.state_dict().items()]
+    theirs = [(k, tuple(v.shape)) for k, v in ref.state_dict().items()]
+    stem_ours = [(k, s) for k, s in ours if k.startswith("stem.")]
+    stem_theirs = [(k, s) for k, s in theirs if k.startswith(("conv1.", "bn1."))]
+    bn_keys = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+    assert [k for k, _ in stem_theirs] == ["conv1.weight", *(f"bn1.{k}" for k in bn_keys)]
+    assert [s for _, s in stem_ours] == [s for _, s in stem_theirs]
+    assert stem_ours[0] == ("stem.0.weight", (64, 3, 7, 7))
+    # the whole network: the same tensors (shapes, in order) under other names
+    assert [s for _, s in ours] == [s for _, s in theirs]
+    n_params = sum(p.numel() for p in net.parameters())
+    assert n_params == sum(p.numel() for p in ref.parameters()) == 11_689_512
+    n_stem = sum(p.numel() for p in net.stem.parameters())
+    assert n_stem == ref.conv1.weight.numel() + ref.bn1.weight.numel() + ref.bn1.bias.numel() == 9536
+    # and the same function: torchvision's weights loaded into ours give its outputs
+    perturb_batchnorm(ref)
+    ref.eval()
+    net.eval()
+    net.load_state_dict(dict(zip([k for k, _ in ours], ref.state_dict().values())), strict=True)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+def test_resnet_cifar_stem_is_the_default() -> None:
+    assert ResNet18.Params().stem == "cifar"
+    net = ResNet18().build({"width": 4, "stem": "cifar"}, 10, (3, 16, 16))
+    default = ResNet18().build({"width": 4}, 10, (3, 16, 16))
+    assert [(k, v.shape) for k, v in net.state_dict().items()] == [
+        (k, v.shape) for k, v in default.state_dict().items()
+    ]
+    assert not any(isinstance(m, nn.MaxPool2d) for m in default.modules())
+    assert ResNet18().build({"width": 4, "stem": "imagenet"}, 10, (3, 16, 16)).layer_shapes((3, 16, 16))[
+        "layer1.0"
+    ] == (4, 4, 4)
+
+
 def test_vit_layer_shapes() -> None:
     net = ViTTiny().build({"depth": 2}, 10, (3, 32, 32))  # ViT-Ti width, fewer blocks
     assert net.layer_names == ["blocks.0", "blocks.1"]
@@ -236,6 +297,7 @@ def test_resnet_kaiming_init() -> None:
     [
         (ResNet18(), {"width": 0}, "width"),
         (ResNet18(), {"widht": 8}, "widht"),
+        (ResNet18(), {"stem": "tiny"}, "stem"),
         (ViTTiny(), {"width": 0}, "width"),
         (ViTTiny(), {"patch_size": 3, "image_size": 32}, "not divisible by patch_size"),
         (ViTTiny(), {"width": 32, "num_heads": 3}, "not divisible by num_heads"),
@@ -277,6 +339,8 @@ def test_layer_out_of_range(key: str) -> None:
 def test_tags() -> None:
     assert ResNet18().tag(ResNet18.Params()) == "resnet18-w64"
     assert ResNet18().tag({"width": 16}) == "resnet18-w16"
+    assert ResNet18().tag({"width": 16, "stem": "cifar"}) == "resnet18-w16"  # names of existing networks
+    assert ResNet18().tag({"stem": "imagenet"}) == "resnet18-w64-in"
     v = ViTTiny()
     assert v.tag(ViTTiny.Params()) == "vit_tiny-p4-w192-d12-h3"
     assert v.tag({"patch_size": 2, "width": 32, "depth": 4, "num_heads": 2}) == "vit_tiny-p2-w32-d4-h2"

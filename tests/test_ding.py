@@ -318,3 +318,39 @@ def test_a_probes_seed_follows_the_networks_name_not_the_code_identity_in_its_ke
     ctx.network_keys = {net: "key-with-code-src:bbbb"}
     assert probe_key(ctx, rep, params) == seed_a
     assert probe_job_key(ctx, net, "b1", [2], params, "code") != job_a
+
+
+def test_pooled_sensitivity_sets_are_dings_one_set_per_layer_with_the_best_full_rank_reference():
+    """Hand-checked small case: 2 networks, 2 layers, ranks [4, 2, 1] (to_layer scaling):
+    one set per layer of the 2 x 3 approximations, and the reference the better network at
+    full rank even when an approximation of the other scores higher."""
+    from stitchbench_plugins.evaluations.ding.framework import reference_index
+
+    from stitchbench.testing import fake_context
+
+    ctx = fake_context()
+    plugin = DingSensitivity()
+    params = DingSensitivity.Params(layers=["b1", "b2"], ranks=[4, 2, 1], sets="pooled")
+    sets = plugin.build_sets(ctx, params)
+    nets = list(ctx.networks)
+    assert [s.name for s in sets] == ["all/b1", "all/b2"]
+    for s, layer in zip(sets, ["b1", "b2"]):
+        # 8 channels: ranks 8, 4, 2 (the largest listed rank stands for full rank)
+        assert [(r.network, r.layer, r.rank) for r in s.reps] == [
+            (n, layer, r) for n in nets for r in (None, 4, 2)]
+        assert s.reference_among == [0, 3]
+    # F: network 1's rank-4 approximation scores best overall, network 1 is best at full rank
+    f = [0.50, 0.55, 0.40, 0.60, 0.70, 0.45]
+    assert reference_index(f, sets[0].reference_among) == 3
+    assert reference_index(f) == 4  # without the rule: an approximation would be the reference
+    per_network = plugin.build_sets(ctx, params.model_copy(update={"sets": "per_network"}))
+    assert [s.name for s in per_network] == [f"{n}/{layer}" for n in nets for layer in ("b1", "b2")]
+    assert all(s.reference_among is None for s in per_network)
+
+
+def test_pooled_sensitivity_runs_end_to_end_on_a_fake_run():
+    from stitchbench.testing import check_plugin
+
+    params = DingSensitivity.Params(layers=["b1", "b2"], ranks=[4, 2, 1], sets="pooled", n_permutations=20,
+                                    probe={"epochs": 1})
+    assert "run" in check_plugin(DingSensitivity(), params)

@@ -11,8 +11,16 @@ import pytest
 import torch
 from scipy.special import logsumexp
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from stitchbench_plugins.evaluations.energy_ood.analysis import high_accuracy_metrics
 from stitchbench_plugins.evaluations.energy_ood.detectors import build_detector
-from stitchbench_plugins.evaluations.energy_ood.metrics import detector_energies, energy, ood_scores
+from stitchbench_plugins.evaluations.energy_ood.metrics import (
+    HIGH_ACCURACY_KEYS,
+    detector_energies,
+    energy,
+    high_accuracy_stats,
+    ood_scores,
+)
+from stitchbench_plugins.evaluations.energy_ood.report import format_high_accuracy
 from stitchbench_plugins.evaluations.energy_ood.training import (
     LayerBatches,
     energy_margin_loss,
@@ -76,6 +84,90 @@ def test_energy_margin_loss():
     wrong = energy_margin_loss(high, low, m_in=-20.0, m_out=-5.0).item()
     e_hi, e_lo = -np.log(3), -(20 + np.log(3))
     assert wrong == pytest.approx((e_hi + 20.0) ** 2 + (-5.0 - e_lo) ** 2, rel=1e-5)
+
+
+# -- the conditional high-accuracy statistic (paper Section 4) ----------------------------------------
+
+# Two 3x3 stitching matrices of one matcher and scope: relative accuracy and AUROC. The
+# diagonals (99 / 0.1) must be ignored; their off-diagonal cells, row by row:
+#   acc   0.95 0.50 | 0.90 0.30 | 1.10 0.70      and   0.20 0.92 | 0.89 0.99 | 0.60 0.40
+#   auroc 0.80 0.95 | 0.91 0.99 | 0.60 0.97            0.98 0.70 | 0.93 0.85 | 0.99 0.96
+ACC = [np.array([[99.0, 0.95, 0.50], [0.90, 99.0, 0.30], [1.10, 0.70, 99.0]]),
+       np.array([[99.0, 0.20, 0.92], [0.89, 99.0, 0.99], [0.60, 0.40, 99.0]])]
+AUROC = [np.array([[0.1, 0.80, 0.95], [0.91, 0.1, 0.99], [0.60, 0.97, 0.1]]),
+         np.array([[0.1, 0.98, 0.70], [0.93, 0.1, 0.85], [0.99, 0.96, 0.1]])]
+
+
+def test_high_accuracy_statistic_on_a_hand_made_case():
+    from scipy.stats import pearsonr
+
+    st = high_accuracy_stats(ACC, AUROC, threshold=0.9, ood_auroc=0.9)
+    assert tuple(st) == HIGH_ACCURACY_KEYS and st["threshold"] == 0.9
+    # acc >= 0.9 (0.90 counts, 0.89 does not): 0.95, 0.90, 1.10 | 0.92, 0.99 -> AUROC 0.80, 0.91, 0.60, 0.70, 0.85
+    assert st["cells"] == 5
+    assert st["mean_auroc"] == pytest.approx((0.80 + 0.91 + 0.60 + 0.70 + 0.85) / 5)
+    assert st["fraction_ood"] == pytest.approx(1 / 5)  # only 0.91 is > 0.9
+    # Pearson's r over all 12 off-diagonal cells, not only the high-accuracy ones
+    acc = [0.95, 0.50, 0.90, 0.30, 1.10, 0.70, 0.20, 0.92, 0.89, 0.99, 0.60, 0.40]
+    auroc = [0.80, 0.95, 0.91, 0.99, 0.60, 0.97, 0.98, 0.70, 0.93, 0.85, 0.99, 0.96]
+    assert st["correlation"] == pytest.approx(pearsonr(acc, auroc)[0], abs=1e-12)
+    assert st["correlation"] == pytest.approx(np.corrcoef(acc, auroc)[0, 1], abs=1e-12)
+    assert st["correlation"] < -0.5  # here the most accurate stitches are the least OOD
+    # the AUROC cut is strict and a parameter; the threshold too
+    assert high_accuracy_stats(ACC, AUROC, 0.9, ood_auroc=0.85)["fraction_ood"] == pytest.approx(1 / 5)
+    assert high_accuracy_stats(ACC, AUROC, 0.9, ood_auroc=0.84)["fraction_ood"] == pytest.approx(2 / 5)
+    lower = high_accuracy_stats(ACC, AUROC, threshold=0.6, ood_auroc=0.9)
+    assert lower["cells"] == 8 and lower["threshold"] == 0.6
+    assert lower["correlation"] == st["correlation"]  # the correlation does not depend on the threshold
+    # one matrix alone: its own cells
+    one = high_accuracy_stats(ACC[:1], AUROC[:1], 0.9, 0.9)
+    assert one["cells"] == 3 and one["mean_auroc"] == pytest.approx((0.80 + 0.91 + 0.60) / 3)
+
+
+def test_high_accuracy_statistic_undefined_cases():
+    # no cell reaches the threshold: no mean, no fraction; the correlation is still defined
+    none = high_accuracy_stats(ACC, AUROC, threshold=1.5)
+    assert none["cells"] == 0 and none["mean_auroc"] is None and none["fraction_ood"] is None
+    assert none["correlation"] is not None
+    # constant relative accuracy (or AUROC): no correlation
+    flat = high_accuracy_stats([np.full((3, 3), 0.95)], AUROC[:1])
+    assert flat["cells"] == 6 and flat["correlation"] is None
+    assert high_accuracy_stats(ACC[:1], [np.full((3, 3), 0.7)])["correlation"] is None
+    # a 1x1 matrix has no off-diagonal cell at all
+    empty = high_accuracy_stats([np.array([[1.0]])], [np.array([[0.9]])])
+    assert empty == {"threshold": 0.9, "cells": 0, "mean_auroc": None, "fraction_ood": None, "correlation": None}
+    # cells with a non-finite relative accuracy are left out
+    acc = ACC[0].copy()
+    acc[0, 1] = np.nan
+    st = high_accuracy_stats([acc], AUROC[:1])
+    assert st["cells"] == 2 and st["mean_auroc"] == pytest.approx((0.91 + 0.60) / 2)
+    # undefined values become NaN metrics (the core leaves them out), JSON null in the report
+    low = high_accuracy_stats([0.5 * a for a in ACC], AUROC)  # every off-diagonal cell below 0.9
+    assert low["cells"] == 0 and low["mean_auroc"] is None
+    high = {"dm": {"all": low}, "tlm": {"all": high_accuracy_stats(ACC, AUROC)}}
+    m = high_accuracy_metrics(high)
+    assert m["ood.high_accuracy.dm.all.cells"] == 0.0 and np.isnan(m["ood.high_accuracy.dm.all.mean_auroc"])
+    assert m["ood.high_accuracy.tlm.all.fraction_ood"] == pytest.approx(0.2)
+    assert set(m) == {f"ood.high_accuracy.{k}.all.{x}" for k in ("dm", "tlm")
+                      for x in ("cells", "mean_auroc", "fraction_ood", "correlation")}
+    assert json.loads(json.dumps(none))["mean_auroc"] is None
+    text = "\n".join(format_high_accuracy({"matchers": ["tlm", "dm"], "high_accuracy": high,
+                                           "high_accuracy_ood_auroc": 0.9}))
+    assert "relative accuracy >= 0.9" in text and "no off-diagonal DM cell reaches the threshold" in text
+
+
+def test_high_accuracy_reading_of_the_papers_claim():
+    in_dist = {"threshold": 0.9, "cells": 4, "mean_auroc": 0.6, "fraction_ood": 0.25, "correlation": -0.6}
+    ood = {"threshold": 0.9, "cells": 5, "mean_auroc": 0.85, "fraction_ood": 0.6, "correlation": -0.3}
+
+    def text(dm, tlm):
+        return "\n".join(format_high_accuracy({"matchers": ["tlm", "dm"], "high_accuracy_ood_auroc": 0.9,
+                                               "high_accuracy": {"dm": {"all": dm}, "tlm": {"all": tlm}}}))
+
+    agrees = text(in_dist, ood)
+    assert "TLM's mean AUROC 0.850 (60.0% > 0.9) vs DM's 0.600 (25.0%): consistent with the claim" in agrees
+    assert "dm         all         4       0.600      25.0%          -0.60" in agrees
+    assert "contrary to the claim" in text(ood, in_dist)
 
 
 # -- detectors -------------------------------------------------------------------------------------
@@ -197,6 +289,39 @@ def test_auroc_matrices_metrics_figures_and_report(rerun_workspace, cli_here):
     text = cli_here("report", "latest", cwd=ws)
     assert text.returncode == 0 and "Energy-based OOD analysis" in text.stdout
     assert "dm" in text.stdout and "6 (0 trained, 6 reused)" in text.stdout
+
+
+def test_high_accuracy_statistic_in_the_report_metrics_and_figure(rerun_workspace, cli_here):
+    """The shared tiny run's report has ``ood.high_accuracy.<matcher>.<scope>`` with the five
+    keys for both matchers, equal to the statistic recomputed from the report's own matrices;
+    the parent run has the defined ones as metrics; the scatter figure is logged."""
+    ws = rerun_workspace.path
+    client = client_of(ws)
+    _, parents, evals = _ood_runs(client)
+    rep = cli_here("report", "latest", "--json", cwd=ws)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    ood = json.loads(rep.stdout)["ood"]
+    metrics = parents[-1].data.metrics
+    for m in ("dm", "tlm"):
+        assert set(ood["high_accuracy"][m]) == {"intra", "inter", "all"}
+        for scope, st in ood["high_accuracy"][m].items():
+            assert set(st) == set(HIGH_ACCURACY_KEYS) and st["threshold"] == 0.9
+            mats = [x for s, xs in ood["matrices"][m].items() if scope in ("all", s) for x in xs]
+            want = high_accuracy_stats([x["relative_accuracy"] for x in mats], [x["auroc"] for x in mats])
+            assert st == pytest.approx(want)
+            n = sum(len(x["auroc"]) * (len(x["auroc"]) - 1) for x in mats)  # off-diagonal cells
+            assert 0 <= st["cells"] <= n
+            assert (st["mean_auroc"] is None) == (st["cells"] == 0)
+            for k in ("cells", "mean_auroc", "fraction_ood", "correlation"):
+                name = f"ood.high_accuracy.{m}.{scope}.{k}"
+                if st[k] is None:
+                    assert name not in metrics
+                else:
+                    assert metrics[name] == pytest.approx(st[k])
+    text = cli_here("report", "latest", cwd=ws)
+    assert "High-accuracy stitches (Section 4)" in text.stdout and "reading (paper:" in text.stdout
+    files = {f.path for f in client.list_artifacts(evals[-1].info.run_id)}
+    assert "ood_accuracy_vs_auroc.png" in files
 
 
 class Recording(LocalExecutor):

@@ -595,3 +595,144 @@ def test_pwcca_ding_convention_takes_rank_deficient_sides_and_no_reduction():
     assert 0 < d < 1
     with pytest.raises(Exception, match="reduce_to"):
         PWCCA(convention="ding", reduce_to=3)
+
+
+# --------------------------------------------------------------------- dm_struct reductions
+
+
+def _affine_lstsq(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least squares y ≈ x W + b, written out (numpy lstsq on [x, 1])."""
+    sol = np.linalg.lstsq(np.hstack([x, np.ones((len(x), 1))]), y, rcond=None)[0]
+    return sol[:-1], sol[-1]
+
+
+def _dm_struct_case(seed: int = 7, n: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 3) source and (n, 2) target: partly affine, with a scale that grows along the rows
+    (so that batches of different sizes weigh differently)."""
+    r = rng(seed)
+    x = r.standard_normal((n, 3))
+    y = x @ r.standard_normal((3, 2)) + 0.5 + 0.7 * r.standard_normal((n, 2)) * np.linspace(0.2, 3.0, n)[:, None]
+    return x, y
+
+
+def test_dm_struct_per_batch_is_the_mean_of_batch_ratios_with_a_partial_last_batch():
+    # (1e-6: the dm plugin's layer holds the float64 solution in float32 parameters)
+    from stitchbench_plugins.indices.dm_struct import DMStruct
+
+    x, y = _dm_struct_case()
+    w, b = _affine_lstsq(x, y)
+    err = x @ w + b - y
+    # batches of 4: rows 0-3, 4-7 and the partial 8-9, each ratio weighted equally
+    ratios = [float((err[s:e] ** 2).sum() / (y[s:e] ** 2).sum()) for s, e in ((0, 4), (4, 8), (8, 10))]
+    per_batch = float(np.mean(ratios))
+    pooled = float((err**2).sum() / (y**2).sum())
+    idx = DMStruct()
+    assert idx.compute(x, y, {"reduction": "per_batch", "batch_size": 4}) == pytest.approx(per_batch, rel=1e-6)
+    assert idx.compute(x, y) == pytest.approx(pooled, rel=1e-6)  # the default: one ratio of sums
+    assert idx.compute(x, y, {"reduction": "pooled", "batch_size": 4}) == pytest.approx(pooled, rel=1e-6)
+    assert abs(per_batch - pooled) > 0.01 * pooled  # the case tells the two apart
+    # one batch holding every example is the pooled ratio
+    assert idx.compute(x, y, {"reduction": "per_batch", "batch_size": 10}) == pytest.approx(pooled, rel=1e-6)
+
+
+def test_dm_struct_matrix_fits_on_the_train_sample_and_reduces_the_test_rows():
+    from stitchbench_plugins.indices.dm_struct import DMStruct
+
+    x, y = _dm_struct_case(seed=8, n=23)
+    x_tr, y_tr = _dm_struct_case(seed=9, n=50)
+    w, b = _affine_lstsq(x_tr, y_tr)
+    err = x @ w + b - y
+    bounds = [(s, min(s + 10, 23)) for s in range(0, 23, 10)]  # 10, 10, 3
+    want = {"per_batch": float(np.mean([(err[s:e] ** 2).sum() / (y[s:e] ** 2).sum() for s, e in bounds])),
+            "pooled": float((err**2).sum() / (y**2).sum())}
+
+    def sample(side: str, n: int) -> list[np.ndarray]:
+        assert n == 50
+        return [x_tr] if side == "source" else [y_tr]
+
+    idx = DMStruct()
+    for reduction, value in want.items():
+        ctx = stitchbench.IndexContext(params=DMStruct.Params(k=50, reduction=reduction, batch_size=10),
+                                       train_sample=sample, same_network=False)
+        assert idx.matrix([x], [y], ctx)[0, 0] == pytest.approx(value, rel=1e-6)
+
+
+def test_dm_struct_params_and_undefined_batches():
+    from stitchbench_plugins.indices.dm_struct import DMStruct, normalised_error
+
+    assert DMStruct.Params().reduction == "pooled" and DMStruct.Params().batch_size == 256
+    with pytest.raises(ValueError):
+        DMStruct.Params(reduction="mean")
+    with pytest.raises(ValueError):
+        DMStruct.Params(batch_size=0)
+    import torch
+
+    T = torch.nn.Identity()
+    X = torch.ones(5, 2, 1, 1, dtype=torch.float64)
+    Y = torch.cat([torch.ones(3, 2, 1, 1), torch.zeros(2, 2, 1, 1)]).double()  # last batch all zero
+    assert normalised_error(T, X, Y) == pytest.approx(4 / 6)
+    with pytest.raises(ValueError, match="test batch 1"):
+        normalised_error(T, X, Y, "per_batch", 3)
+
+
+def ding_pwcca_dist(A, B, null_rotation=None):
+    """Ding et al.'s ``pwcca_dist`` (js-d/sim_metric, ``dists/scoring.py``) re-derived from its
+    formulas, independently of the plugin: A (n, p1), B (n, p2), rows the examples; neurons
+    centred and each matrix scaled to unit Frobenius norm; symmetric pseudo-inverse square
+    roots; a full SVD; weights over all p1 directions of A. ``null_rotation`` rotates the
+    basis of A's p1 - p2 unmatched directions (the SVD's choice) to show its effect."""
+    a = np.asarray(A, float).T
+    b = np.asarray(B, float).T
+    a = a - a.mean(1, keepdims=True)
+    b = b - b.mean(1, keepdims=True)
+    a, b = a / np.linalg.norm(a), b / np.linalg.norm(b)
+
+    def inv_sqrt(m):
+        ev, vec = np.linalg.eigh(m)
+        ev = (ev + np.abs(ev)) / 2
+        return vec @ np.diag([1 / np.sqrt(x) if x > 0 else 0.0 for x in ev]) @ vec.T
+
+    ia, ib = inv_sqrt(a @ a.T), inv_sqrt(b @ b.T)
+    u, s, _ = np.linalg.svd(ia @ (a @ b.T) @ ib)
+    if null_rotation is not None:
+        u = u.copy()
+        u[:, len(s):] = u[:, len(s):] @ null_rotation
+    variates = (u.T @ ia @ a).T
+    w = np.abs(variates.T @ a.T).sum(axis=1)
+    w = w / w.sum()
+    dim = min(len(w), len(s))
+    return 1 - w[:dim] @ s[:dim]
+
+
+@pytest.mark.parametrize(("n", "p1", "p2"), [(200, 5, 8), (300, 6, 6), (200, 8, 5), (500, 12, 4), (400, 64, 16)])
+def test_pwcca_ding_convention_is_dings_pwcca_dist(n, p1, p2):
+    """Equal to Ding et al.'s formula to 1e-6 for p1 <= p2 and, with the same SVD basis of A's
+    unmatched directions (the same M gives LAPACK's same basis), for p1 > p2 too."""
+    rng = np.random.default_rng(p1 * 100 + p2)
+    a = rng.normal(size=(n, p1)) @ rng.normal(size=(p1, p1))
+    b = a[:, :min(p1, p2)] @ rng.normal(size=(min(p1, p2), p2)) + rng.normal(size=(n, p2))
+    ours = PWCCA(convention="ding").compute(a, b)
+    assert ours == pytest.approx(ding_pwcca_dist(a, b), abs=1e-6)
+    if p1 <= p2:
+        assert ours == pytest.approx(PWCCA().compute(a, b), abs=1e-9)  # the conventions agree
+    else:
+        # another orthonormal basis of the unmatched directions gives another value: the
+        # basis dependence docs/indices.md reports
+        spread = [ding_pwcca_dist(a, b, np.linalg.qr(rng.normal(size=(p1 - p2, p1 - p2)))[0]) for _ in range(20)]
+        assert max(abs(v - ours) for v in spread) > 1e-3
+
+
+def test_dm_struct_solves_with_the_cutoff_it_is_given():
+    """cutoff=authors reaches DM's solve: T is the dm plugin's cutoff=authors map."""
+    import torch
+    from stitchbench_plugins.indices.dm_struct import normalised_error
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(30, 4, 2, 2))
+    x[:, 3] = x[:, 2] + 1e-7 * rng.normal(size=(30, 2, 2))  # a nearly dependent channel: the cut-offs differ
+    y = rng.normal(size=(30, 3, 2, 2))
+    idx, dm = stitchbench.get_plugin("dm_struct"), stitchbench.get_plugin("dm")
+    X, Y = torch.from_numpy(x), torch.from_numpy(y)
+    for cutoff in ("exact", "authors"):
+        T = dm.fit_activations(X, Y, dm.Params(cutoff=cutoff))
+        assert idx.compute(x, y, params={"cutoff": cutoff}) == pytest.approx(normalised_error(T, X, Y), rel=1e-12)

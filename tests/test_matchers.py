@@ -20,7 +20,7 @@ import pydantic
 import pytest
 import torch
 import torch.nn.functional as F
-from stitchbench_plugins.matchers._lstsq import GramAccumulator, QRAccumulator
+from stitchbench_plugins.matchers._lstsq import GramAccumulator, PinvAccumulator, QRAccumulator
 from stitchbench_plugins.matchers.dm import DirectMatching
 from stitchbench_plugins.matchers.tlm import TaskLossMatching
 from torch import nn
@@ -378,6 +378,164 @@ def test_dm_rejects_non_finite_and_mismatched_input():
         dm.fit_activations(X, Y, {"solver": "svd"})
 
 
+# -- DM: the authors' cut-off (float32 pinv) ------------------------------------------------
+_EPS32 = torch.finfo(torch.float32).eps
+
+
+def _nearly_dependent(kind: str, seed: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 activations X whose rows [X, 1] have two singular values near 1e-5·s_max
+    (two channels almost copies of others), and a target Y that uses those two directions:
+    below float32 pinv's default cut-off (rows·eps32 ≈ 1e-4 at 1000 rows), far above
+    float64's."""
+    g = gen(seed)
+    shape = {"conv": (40, 6, 5, 5), "conv_resize": (40, 6, 3, 3), "tokens": (40, 25, 6)}[kind]
+    X = torch.randn(*shape, generator=g, dtype=torch.float64) + 0.5
+    ch = 1 if X.ndim == 4 else 2  # the channel axis
+    Xc = X.movedim(ch, -1)
+    tiny = 1e-5 * torch.randn(Xc.shape[:-1] + (2,), generator=g, dtype=torch.float64)
+    Xc[..., 4:] = Xc[..., :2] + tiny
+    X = Xc.movedim(-1, ch).contiguous()
+    base = F.interpolate(X, size=(5, 5), mode="bilinear", align_corners=False) if kind == "conv_resize" else X
+    bc = base.movedim(ch, -1)
+    # the second and third outputs need the small directions (x4 - x0, x5 - x1 are ~1e-5)
+    Y = torch.stack(
+        [
+            bc[..., 0] - bc[..., 2],
+            1e5 * (bc[..., 4] - bc[..., 0]),
+            bc[..., 3] + 3e4 * (bc[..., 5] - bc[..., 1]),
+        ],
+        -1,
+    )
+    Y = Y + 0.01 * torch.randn(Y.shape, generator=g, dtype=torch.float64)
+    return X.float(), Y.movedim(-1, ch).contiguous().float()
+
+
+def _authors_rows(X: torch.Tensor, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 design [X, 1] (bias column last, as the authors' ps_inv) and target rows,
+    built as DM builds them: the resize (when Y is larger) in float64, then channels-last."""
+    Xd = X.double()
+    if X.ndim == 4 and X.shape[2:] != Y.shape[2:]:
+        Xd = F.interpolate(Xd, size=Y.shape[2:], mode="bilinear", align_corners=False)
+    rows = to_rows(Xd).float()
+    A = torch.cat([rows, torch.ones(rows.shape[0], 1)], dim=1)
+    return A, to_rows(Y).float()
+
+
+@pytest.mark.parametrize("kind", ["conv", "conv_resize", "tokens"])
+def test_dm_authors_cutoff_equals_float32_torch_pinv(kind):
+    """cutoff: authors is the authors' ps_inv: float32 torch.linalg.pinv([X, 1]) @ Y on the
+    same rows (default tolerance); it differs measurably from the exact solve here."""
+    X, Y = _nearly_dependent(kind)
+    dm = stitchbench.get_plugin("dm")
+    T = dm.fit_activations(X, Y, {"cutoff": "authors"})
+    A, B = _authors_rows(X, Y)
+    theta = torch.linalg.pinv(A) @ B  # (C1 + 1, C2): [Wᵀ; b]
+    assert rel(T.weight.detach(), theta[:-1].T) < 1e-5 and rel(T.bias.detach(), theta[-1]) < 1e-5
+    n, p1 = A.shape
+    s = torch.linalg.svdvals(A.double())
+    assert T.fit_info["rank"] == 5 == int((s > _EPS32 * n * s[0]).sum())  # 7 columns, 2 cut
+    assert T.fit_info["rcond"] == pytest.approx(_EPS32 * max(n, p1))
+    assert (T.fit_info["cutoff"], T.fit_info["solver"], T.fit_info["rows"]) == ("authors", "pinv_float32", n)
+    # The residual is reported against these rows, in float64.
+    r = A.double() @ theta.double() - B.double()
+    Bd = B.double()
+    assert T.fit_info["residual"] == pytest.approx(
+        float((r**2).sum() / ((Bd - Bd.mean(0)) ** 2).sum()), rel=1e-4
+    )
+    # `solver` plays no part
+    G = dm.fit_activations(X, Y, {"cutoff": "authors", "solver": "gram"})
+    assert torch.equal(G.weight, T.weight) and torch.equal(G.bias, T.bias)
+    # The exact solve keeps the two small directions: a different map, a smaller residual.
+    E = dm.fit_activations(X, Y)
+    assert E.fit_info["rank"] == 7 and E.fit_info["cutoff"] == "exact"
+    assert rel(T.weight.detach(), E.weight.detach()) > 0.1
+    assert E.fit_info["residual"] < 0.5 * T.fit_info["residual"]
+
+
+def test_dm_authors_cutoff_explicit_rcond_and_well_conditioned_case():
+    """An explicit rcond is torch's rtol; on a well-conditioned source the two cut-offs
+    agree to float32 accuracy."""
+    X, Y = _nearly_dependent("conv")
+    A, B = _authors_rows(X, Y)
+    T = DirectMatching().fit_activations(X, Y, {"cutoff": "authors", "rcond": 1e-7})
+    theta = torch.linalg.pinv(A, rtol=1e-7) @ B
+    assert T.fit_info["rank"] == 7 and T.fit_info["rcond"] == 1e-7
+    assert rel(T.weight.detach(), theta[:-1].T) < 1e-3  # float32 on a condition number of ~1e5
+    g = gen(13)
+    Xw = torch.randn(30, 5, 4, 4, generator=g) + 1.0
+    Yw = torch.randn(30, 3, 4, 4, generator=g) + Xw[:, :3]
+    a = DirectMatching().fit_activations(Xw, Yw, {"cutoff": "authors"})
+    e = DirectMatching().fit_activations(Xw, Yw)
+    assert rel(a.weight.detach(), e.weight.detach()) < 1e-5 and rel(a.bias.detach(), e.bias.detach()) < 1e-5
+
+
+def test_dm_exact_is_the_default_and_unchanged():
+    assert DirectMatching.Params().cutoff == "exact"
+    X, Y = _nearly_dependent("conv")
+    a = DirectMatching().fit_activations(X, Y)
+    b = DirectMatching().fit_activations(X, Y, {"cutoff": "exact", "solver": "qr"})
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    W, bias = pinv_solution(X, Y)  # float64 pinv, eps·max(rows, cols)
+    assert rel(a.weight.detach(), W) < 1e-5 and rel(a.bias.detach(), bias) < 1e-5
+    with pytest.raises(pydantic.ValidationError, match="cutoff"):
+        DirectMatching.Params.model_validate({"cutoff": "float32"})
+
+
+def test_dm_authors_cutoff_low_rank_source_and_target():
+    """rank / target_rank with the authors' cut-off: the (float64) low-rank approximation of
+    the rows, then float32 pinv on it; the projection is installed as with `exact`."""
+    g = gen(14)
+    X = (
+        torch.randn(24, 6, 4, 4, generator=g, dtype=torch.float64)
+        * torch.linspace(3, 0.5, 6, dtype=torch.float64)[:, None, None]
+    )
+    Y = torch.tanh(torch.einsum("oc,nchw->nohw", torch.randn(5, 6, generator=g, dtype=torch.float64), X))
+    T = DirectMatching().fit_activations(X.float(), Y.float(), {"rank": 2, "cutoff": "authors"})
+    assert isinstance(T.source_transform, LowRankProjection) and T.fit_info["rank"] == 3
+    A, B = _authors_rows(_lra(X, 2).float(), Y.float())
+    theta = torch.linalg.pinv(A) @ B
+    assert rel(T.weight.detach(), theta[:-1].T) < 1e-4 and rel(T.bias.detach(), theta[-1]) < 1e-4
+    E = DirectMatching().fit_activations(X.float(), Y.float(), {"rank": 2})
+    assert rel(T.weight.detach(), E.weight.detach()) < 1e-4  # nothing left near the cut
+    Tt = DirectMatching().fit_activations(X.float(), Y.float(), {"target_rank": 2, "cutoff": "authors"})
+    A, B = _authors_rows(X.float(), _lra(Y, 2).float())
+    theta = torch.linalg.pinv(A) @ B
+    assert rel(Tt.weight.detach(), theta[:-1].T) < 1e-4
+
+
+def test_pinv_accumulator_batches_and_dtype():
+    """Rows fed in batches are solved together; float64 rows are stored as float32."""
+    X, Y = _nearly_dependent("tokens")
+    A, B = _authors_rows(X, Y)
+    acc = PinvAccumulator(6, 3)
+    rows = to_rows(X).double()
+    for a, b in [(0, 1), (1, 300), (300, 1000)]:
+        acc.update(rows[a:b], B[a:b])
+    assert acc.n == 1000 and acc.rows()[0].dtype == torch.float32
+    fit = acc.solve()
+    theta = torch.linalg.pinv(A) @ B
+    assert rel(fit.weight, theta[:-1].T) < 1e-5 and fit.rank == 5
+
+
+def test_dm_and_tlm_pass_the_authors_cutoff_through(conv_nets, data):
+    """fit() on a problem (cached and streamed activations) and TLM's DM initialisation
+    both use `dm.cutoff`."""
+    a, b = conv_nets
+    prob = problem(a, "b0", b, "b2", data)
+    dm = DirectMatching()
+    cached = dm.fit(prob, {"k": 30, "cutoff": "authors"})
+    streamed = dm.fit(prob, {"k": 30, "cutoff": "authors", "batch_size": 7, "cache_limit_mb": 0})
+    x, _ = prob.sample_images(30)
+    with torch.no_grad():
+        ref = dm.fit_activations(a.front(x, "b0"), b.front(x, "b2"), {"cutoff": "authors"})
+    for T in (cached, streamed):
+        assert T.fit_info["cutoff"] == "authors"
+        assert rel(T.weight.detach(), ref.weight.detach()) < 1e-5
+    T = TaskLossMatching().fit(prob, {"epochs": 0, "dm": {"k": 30, "cutoff": "authors"}})
+    assert torch.equal(T.weight, cached.weight) and T.fit_info["dm"]["cutoff"] == "authors"
+    assert TaskLossMatching.Params.model_validate({"dm": {"cutoff": "authors"}}).dm.cutoff == "authors"
+
+
 # -- DM: low-rank approximation ------------------------------------------------------------
 def _lra(X: torch.Tensor, r: int) -> torch.Tensor:
     """The authors' low-rank approximation (channels-last rows, centre, SVD, zero, add back)."""
@@ -680,6 +838,10 @@ def test_dm_and_tlm_on_cuda(conv_nets, data):
             G, C = DirectMatching().fit(on_gpu, params), DirectMatching().fit(on_cpu, params)
             assert G.weight.device.type == "cuda"
             assert rel(G.weight.detach().cpu(), C.weight.detach()) < 1e-5
+    # the authors' float32 pinv on the GPU (this pair is well conditioned: no value near the cut)
+    G, C = (DirectMatching().fit(prob, {"cutoff": "authors"}) for prob in (on_gpu, on_cpu))
+    assert G.weight.device.type == "cuda" and G.fit_info["rank"] == C.fit_info["rank"]
+    assert rel(G.weight.detach().cpu(), C.weight.detach()) < 1e-4
     T = TaskLossMatching().fit(on_gpu, {"epochs": 1, "batch_size": 128, "dm": {"k": 50}})
     assert T.weight.device.type == "cuda" and T.fit_info["loss"] is not None
     for extra in ({"precision": "float16"}, {"precision": "bfloat16", "channels_last": True}):

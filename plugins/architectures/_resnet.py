@@ -1,10 +1,18 @@
-"""ResNet-18 with the CIFAR stem, as a `StitchableNetwork` (torch model code of the
-``resnet18`` plugin).
+"""ResNet-18 with the CIFAR or the ImageNet stem, as a `StitchableNetwork` (torch model
+code of the ``resnet18`` plugin).
 
-Shapes for a (N, C, 32, 32) input and width ``w``: stem -> (N, w, 32, 32); the eight
-stitchable blocks ``layer1.0 .. layer4.1`` -> (N, w, 32, 32) x2, (N, 2w, 16, 16) x2,
-(N, 4w, 8, 8) x2, (N, 8w, 4, 4) x2; head -> (N, num_classes). Other input sizes work too
-(the head pools globally); each stride-2 stage halves the spatial size (rounding up).
+CIFAR stem (the authors' ``general_utils/models/resnet/resnet.py``): 3x3 stride-1 conv +
+BN + ReLU, no max-pool. Shapes for a (N, C, 32, 32) input and width ``w``: stem ->
+(N, w, 32, 32); the eight stitchable blocks ``layer1.0 .. layer4.1`` -> (N, w, 32, 32) x2,
+(N, 2w, 16, 16) x2, (N, 4w, 8, 8) x2, (N, 8w, 4, 4) x2; head -> (N, num_classes).
+
+ImageNet stem (torchvision's ``resnet18``): 7x7 stride-2 conv (padding 3, no bias) + BN +
+ReLU + 3x3 stride-2 max-pool (padding 1), a factor 4 smaller: at 224x224 the stem gives
+(N, w, 56, 56) and the blocks (w, 56, 56) x2, (2w, 28, 28) x2, (4w, 14, 14) x2,
+(8w, 7, 7) x2.
+
+Other input sizes work too (the head pools globally); each stride-2 step halves the
+spatial size (rounding up).
 """
 
 from __future__ import annotations
@@ -25,6 +33,23 @@ class CifarStem(nn.Sequential):
         super().__init__(conv3x3(in_channels, width), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
 
 
+class ImageNetStem(nn.Sequential):
+    """torchvision's ResNet stem: 7x7 stride-2 conv (padding 3, no bias) + BN + ReLU + 3x3
+    stride-2 max-pool (padding 1): (N, C, H, W) -> (N, w, ceil(ceil(H/2)/2), ...)."""
+
+    def __init__(self, in_channels: int, width: int) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+        )
+
+
+#: The stems by the ``stem`` parameter's value.
+STEMS = {"cifar": CifarStem, "imagenet": ImageNetStem}
+
+
 class PoolLinearHead(nn.Module):
     """Global average pooling + flatten + linear: (N, C, H, W) -> (N, num_classes).
 
@@ -39,22 +64,27 @@ class PoolLinearHead(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-class CifarResNet18(StitchableNetwork):
-    """ResNet-18 for small images: CIFAR stem, 4 stages x 2 `BasicBlock` (strides 1, 2, 2, 2)
-    of widths w, 2w, 4w, 8w, global average pooling and a linear classifier.
+class ResNet18Net(StitchableNetwork):
+    """ResNet-18: a stem (``"cifar"`` or ``"imagenet"``, see `STEMS`), 4 stages x 2
+    `BasicBlock` (strides 1, 2, 2, 2) of widths w, 2w, 4w, 8w, global average pooling and a
+    linear classifier.
 
     Input (N, in_channels, H, W) -> logits (N, num_classes). The eight blocks are the
-    stitchable layers (``LAYER_NAMES``).
+    stitchable layers (``LAYER_NAMES``). The stem's state-dict keys are ``stem.0`` (conv)
+    and ``stem.1`` (BN) for both stems.
     """
 
-    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 64) -> None:
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 64, stem: str = "cifar") -> None:
         super().__init__()
         if width < 1 or num_classes < 1 or in_channels < 1:
             raise ValueError(
                 f"width, num_classes and in_channels must be >= 1 (got {width}, {num_classes}, {in_channels})"
             )
+        if stem not in STEMS:
+            raise ValueError(f"unknown stem {stem!r}; use one of {', '.join(STEMS)}")
         self.layer_names = list(LAYER_NAMES)
-        self.stem = CifarStem(in_channels, width)
+        self.stem_kind = stem
+        self.stem = STEMS[stem](in_channels, width)
         blocks: list[nn.Module] = []
         channels = width
         for stage, stride in enumerate((1, 2, 2, 2)):
@@ -75,3 +105,7 @@ class CifarResNet18(StitchableNetwork):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
+
+#: The former name (the class built only the CIFAR stem then).
+CifarResNet18 = ResNet18Net

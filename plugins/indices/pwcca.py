@@ -42,15 +42,16 @@ class PWCCA(PairwiseIndex):
     canonical directions of A that have a partner in B carry weight. For p1 <= p2 the two
     conventions agree.
 
-    ``convention="ding"``: Ding et al.'s ``pwcca_dist`` (js-d/sim_metric). All of A's
-    canonical directions carry weight: the p1 − p2 that have no partner in B enter the
-    denominator with their weights and the numerator with correlation 0. Those directions
-    span a null space in which any orthonormal basis is a valid set of canonical variates;
-    this implementation takes the eigenbasis of Σ_j (P a_j)(P a_j)ᵀ (P the projection on
-    them), which makes the result deterministic. Each side is whitened on its numerical
-    column space (eigenvalues of its correlation matrix above 1/MAX_CONDITION of the
-    largest) instead of being refused, so a rank-r side (e.g. a low-rank approximation of
-    a layer, as in Ding et al.'s sensitivity test) has r canonical directions.
+    ``convention="ding"``: Ding et al.'s ``pwcca_dist`` (js-d/sim_metric, ``cca_decomp``).
+    All of A's canonical directions carry weight: the p1 − p2 that have no partner in B
+    enter the denominator with their weights and the numerator with correlation 0. Those
+    directions span a null space in which any orthonormal basis is a valid set of
+    canonical variates; like Ding et al.'s code this takes the basis of a full SVD of
+    M = Σ_AA^-½ Σ_AB Σ_BB^-½ (symmetric roots), so the value is theirs (with the same
+    LAPACK); another basis gives another value (docs/indices.md measures by how much).
+    Each side's roots are taken on its numerical range (eigenvalues above 1/MAX_CONDITION
+    of the largest) instead of the side being refused, so a rank-r side (e.g. a low-rank
+    approximation of a layer, as in Ding et al.'s sensitivity test) has r directions.
 
     Arrangement: ``"reference"`` (default, the paper's code): conv pairs of equal shape
     (C, H, W) per position, (n·H·W, C); token pairs with equal token counts per token,
@@ -285,36 +286,37 @@ def _pwcca(cab: np.ndarray, a: _Side, b: _Side) -> CCAResult:
 
 def _pwcca_ding(saa: np.ndarray, sbb: np.ndarray, sab: np.ndarray, rows: int,
                 labels: Any) -> CCAResult:
-    """``convention="ding"`` from the centred cross-products AᶜᵀAᶜ, BᶜᵀBᶜ and AᶜᵀBᶜ."""
-    wa = _range_whitening(saa)
-    wb = _range_whitening(sbb)
-    if wa.shape[1] == 0 or wb.shape[1] == 0:
-        raise ValueError(f"pwcca: {labels[0] if wa.shape[1] == 0 else labels[1]} is constant over the rows")
-    if rows <= max(wa.shape[1], wb.shape[1]):
+    """``convention="ding"`` from the centred cross-products AᶜᵀAᶜ, BᶜᵀBᶜ and AᶜᵀBᶜ, as
+    Ding et al.'s ``cca_decomp`` / ``pwcca_dist`` compute it: M = Σ_AA^-½ Σ_AB Σ_BB^-½ with
+    symmetric (pseudo-)inverse square roots, its full SVD M = U diag(ρ) Vᵀ, and weights
+    α_i = Σ_j |(Uᵀ Σ_AA^½)_ij| for all p1 columns of U. For p1 > p2 the last p1 − p2
+    columns of U are the basis LAPACK's SVD picks for a null space; the same M gives the
+    same basis, so the value is Ding et al.'s (docs/indices.md gives the size of this
+    basis dependence)."""
+    ia, ra, rank_a = _symmetric_roots(saa)
+    ib, _, rank_b = _symmetric_roots(sbb)
+    if rank_a == 0 or rank_b == 0:
+        raise ValueError(f"pwcca: {labels[0] if rank_a == 0 else labels[1]} is constant over the rows")
+    if rows <= max(rank_a, rank_b):
         raise ValueError(
             f"pwcca needs more rows than (effective) columns on each side: {rows} rows, ranks "
-            f"{wa.shape[1]} ({labels[0]}) and {wb.shape[1]} ({labels[1]})"
+            f"{rank_a} ({labels[0]}) and {rank_b} ({labels[1]})"
         )
-    u, rho, _ = np.linalg.svd(wa.T @ sab @ wb, full_matrices=True)
-    k = len(rho)
-    g = saa @ wa  # column i of g @ u: <h_i, a_j> over the neurons j of A
-    if u.shape[1] > k:  # A's unmatched directions, in a deterministic basis
-        comp = u[:, k:]
-        proj = g @ comp
-        _, rot = np.linalg.eigh(proj.T @ proj)
-        u = np.concatenate([u[:, :k], comp @ rot[:, ::-1]], axis=1)
-    alpha = np.abs(g @ u).sum(axis=0)
-    rho_all = np.concatenate([rho, np.zeros(u.shape[1] - k)])
+    u, rho, _ = np.linalg.svd(ia @ sab @ ib, full_matrices=True)
+    alpha = np.abs(u.T @ ra).sum(axis=1)
+    rho_all = np.concatenate([rho, np.zeros(u.shape[1] - len(rho))])
     return CCAResult(float(1.0 - alpha @ rho_all / alpha.sum()), rho_all, alpha)
 
 
-def _range_whitening(cov: np.ndarray) -> np.ndarray:
-    """W (p, k) with Wᵀ Σ W = I on Σ's numerical range: from the eigendecomposition of the
-    correlation matrix of the columns of nonzero variance, eigenvalues above
-    1/MAX_CONDITION of the largest (none when every column is constant)."""
-    inv, lam, vec = _correlation_eigh(cov)
-    keep = lam > lam[-1] / MAX_CONDITION
-    return (inv[:, None] * vec[:, keep]) / np.sqrt(lam[keep])
+def _symmetric_roots(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """(Σ^-½, Σ^½, rank): symmetric roots of a covariance on its numerical range
+    (eigenvalues above 1/MAX_CONDITION of the largest; the others count as 0, where Ding et
+    al.'s code inverts whatever rounding leaves above 0)."""
+    lam, vec = np.linalg.eigh(cov)
+    keep = lam > max(lam[-1], 0.0) / MAX_CONDITION if lam[-1] > 0 else np.zeros_like(lam, dtype=bool)
+    v = vec[:, keep]
+    root = np.sqrt(lam[keep])
+    return (v / root) @ v.T, (v * root) @ v.T, int(keep.sum())
 
 
 @stitchbench.hookimpl

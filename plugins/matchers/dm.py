@@ -3,7 +3,9 @@
 T is the affine map (1x1 convolution after the resize, or per-token linear map) that best
 reproduces the target layer's activations from the source layer's, in least squares over
 K training images, every spatial position or token one equation. Solved in float64 by
-`._lstsq` (streaming; memory independent of K); see docs/matchers.md.
+`._lstsq` (streaming; memory independent of K), or, with ``cutoff: authors``, as the
+authors' code solves it (float32 ``torch.linalg.pinv`` with its default tolerance, on the
+same rows); see docs/matchers.md.
 
 Torch is imported inside the methods: ``stitchbench plugins list`` imports this module.
 """
@@ -32,7 +34,8 @@ log = logging.getLogger(__name__)
 
 
 class DirectMatching(Matcher):
-    """Direct matching: minimum-norm least-squares affine map from source to target activations (float64)."""
+    """Direct matching: minimum-norm least-squares affine map from source to target activations
+    (float64; or the authors' float32 pinv with ``cutoff: authors``)."""
 
     name = "dm"
     measure_name = "dm_func"  # relative accuracy through a DM stitcher (dm_struct is the structural side)
@@ -65,7 +68,14 @@ class DirectMatching(Matcher):
             gt=0,
             lt=1,
             description="relative cut-off on singular values; null = eps*max(rows, cols) (qr) or "
-            "sqrt(eps*max(rows, cols)) (gram)",
+            "sqrt(eps*max(rows, cols)) (gram), float32 eps*max(rows, cols) (cutoff: authors)",
+        )
+        cutoff: Literal["exact", "authors"] = Field(
+            "exact",
+            description="exact: the float64 solve of `solver`, keeping essentially every singular value; "
+            "authors: the authors' solve (szegedai/stitching-ood ps_inv): float32 torch.linalg.pinv of "
+            "the same rows [X, 1] with torch's default tolerance (singular values <= float32 "
+            "eps*max(rows, cols)*s_max dropped); keeps every row in memory, `solver` is not used",
         )
         cache_limit_mb: float = Field(
             1024,
@@ -142,7 +152,7 @@ class DirectMatching(Matcher):
 
         ``X`` (N, C1, H1, W1) and ``Y`` (N, C2, H2, W2), or (N, T, D1) and (N, T, D2); torch
         tensors or numpy arrays. All N examples are used (``k`` is ignored); ``rank``,
-        ``target_rank``, ``solver`` and ``rcond`` apply. Returns a `StitchingLayer` on X's
+        ``target_rank``, ``solver``, ``rcond`` and ``cutoff`` apply. Returns a `StitchingLayer` on X's
         device, in X's dtype when that is float32 or float64 (float32 otherwise), with
         ``fit_info`` (residual etc.).
         """
@@ -177,7 +187,12 @@ class DirectMatching(Matcher):
         from ._lstsq import make_accumulator
 
         return make_accumulator(
-            params.solver, layer.in_features, layer.out_features, device, target_rank=params.target_rank
+            params.solver,
+            layer.in_features,
+            layer.out_features,
+            device,
+            target_rank=params.target_rank,
+            cutoff=params.cutoff,
         )
 
 
@@ -196,7 +211,8 @@ def eval_mode(*nets: torch.nn.Module) -> Iterator[None]:
 
 
 def _feed(acc, layer: StitchingLayer, X: torch.Tensor, Y: torch.Tensor, batch_size: int) -> None:
-    """Add the equations of X, Y (examples in chunks of ``batch_size``) to ``acc``, in float64.
+    """Add the equations of X, Y (examples in chunks of ``batch_size``) to ``acc``, in float64
+    (an ``authors`` accumulator stores them as float32).
 
     The resize runs in float64 too; X is the raw source activation, so the rows are
     exactly the input of the affine map.
@@ -230,7 +246,8 @@ def _install(layer: StitchingLayer, fit: LeastSquaresFit, params: Params, *, k: 
         "rank": fit.rank,
         "rows": fit.n_rows,
         "k": int(k),
-        "solver": params.solver,
+        "solver": "pinv_float32" if params.cutoff == "authors" else params.solver,
+        "cutoff": params.cutoff,
         "rcond": fit.cutoff,
         "source_rank": None if fit.projection is None else int(fit.projection[1].shape[1]),
         "target_rank": params.target_rank,

@@ -35,6 +35,25 @@ class PluginUse:
     def params_dict(self) -> dict[str, Any]:
         return self.params.model_dump(mode="json") if hasattr(self.params, "model_dump") else {}
 
+    def changed_params(self) -> dict[str, Any]:
+        """The params that differ from the plugin's defaults, as ``dotted.key -> value``
+        (what a preset or a config chose: e.g. the authors' switches of a paper preset)."""
+        try:
+            defaults = self.obj.Params().model_dump(mode="json")
+        except Exception:  # noqa: BLE001 - a Params with required fields has no defaults to compare
+            defaults = {}
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any, default: Any) -> None:
+            if isinstance(value, dict) and isinstance(default, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v, default.get(k))
+            elif value != default:
+                out[prefix] = value
+
+        walk("", self.params_dict(), defaults)
+        return out
+
 
 @dataclass
 class NetworkSpec:
@@ -97,6 +116,13 @@ class Plan:
         lines.append("matchers:   " + (", ".join(m.name for m in self.matchers) or "(none)"))
         lines.append("indices:    " + (", ".join(i.name for i in self.indices) or "(none)"))
         lines.append("evaluations: " + (", ".join(e.name for e in self.evaluations) or "(none)"))
+        chosen = [(u.name, u.changed_params()) for u in
+                  [self.dataset, self.architecture, *self.matchers, *self.indices, *self.evaluations]]
+        chosen = [(n, c) for n, c in chosen if c]
+        if chosen:
+            lines.append("params:     (those that differ from the plugins' defaults)")
+            for name, changed in chosen:
+                lines.append(f"  - {name}: " + ", ".join(f"{k}={v}" for k, v in changed.items()))
         n_cells = len(self.layers) ** 2
         lines.append(f"jobs:       {len(self.networks)} network(s), {len(self.jobs)} matrix job(s)"
                      f" ({sum(j.kind == 'stitch_matrix' for j in self.jobs) * n_cells} stitchers)")

@@ -31,12 +31,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RepSet:
-    """One set S of representations (``reps[0]`` wins ties for the reference)."""
+    """One set S of representations (``reps[0]`` wins ties for the reference).
+    ``reference_among``: the positions the reference may take (None: any), e.g. the
+    full-rank representations of a pooled sensitivity set."""
 
     name: str
     reps: list[Rep]
     meta: dict[str, Any] = field(default_factory=dict)
     low_rank: bool = False
+    reference_among: list[int] | None = None
 
 
 @dataclass
@@ -81,7 +84,7 @@ def run_sets(context: RunContext, sets: Sequence[RepSet], params: DingParams,
     for s in sets:
         f = scores[pos : pos + len(s.reps)]
         pos += len(s.reps)
-        ref = max(range(len(f)), key=lambda i: (f[i], -i))  # first best: higher rank on ties
+        ref = reference_index(f, s.reference_among)
         A = s.reps[ref]
         d, notes = distances(context, A, s.reps, params.measures, s.low_rank, timings)
         results.append(SetResult(s, f, ref, [abs(f[ref] - x) for x in f], d, notes))
@@ -98,6 +101,13 @@ def run_sets(context: RunContext, sets: Sequence[RepSet], params: DingParams,
     for r in results:  # the measures' order as configured
         r.d = {m: r.d[m] for m in params.measures}
     return results, records, reused
+
+
+def reference_index(scores: Sequence[float], among: Sequence[int] | None = None) -> int:
+    """A = argmax F over the set (over ``among`` when given); the first best on ties (the
+    higher rank, or the earlier network)."""
+    candidates = range(len(scores)) if among is None else among
+    return max(candidates, key=lambda i: (scores[i], -i))
 
 
 def check_measures(context: RunContext, measures: Sequence[str]) -> None:

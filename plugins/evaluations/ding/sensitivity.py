@@ -58,6 +58,24 @@ def layer_ranks(channels: int, ranks: list[int] | None, scaling: str) -> list[in
     return sorted(set(out), reverse=True)
 
 
+def pool_by_layer(sets: list[RepSet], layers: list[str]) -> list[RepSet]:
+    """Ding et al.'s sets: one per layer holding every network's approximations of it
+    (networks in order, each full rank first); the reference is chosen among the
+    full-rank ones (the best network at full rank)."""
+    pooled = []
+    for layer in layers:
+        parts = [s for s in sets if s.meta["layer"] == layer]
+        reps, full = [], []
+        for s in parts:
+            full.append(len(reps))  # each part starts with its full-rank representation
+            reps += s.reps
+        pooled.append(RepSet(f"all/{layer}", reps, {
+            "network": "all", "networks": [s.meta["network"] for s in parts], "layer": layer,
+            "channels": parts[0].meta["channels"], "ranks": parts[0].meta["ranks"]}, low_rank=True,
+            reference_among=full))
+    return pooled
+
+
 class DingSensitivity(DingTest):
     """Ding et al.'s sensitivity test (Table 2): rank correlations over low-rank approximations of a layer."""
 
@@ -74,6 +92,9 @@ class DingSensitivity(DingTest):
         rank_scaling: Literal["to_layer", "absolute"] = Field(
             "to_layer", description="to_layer: the largest rank means the layer's full rank; absolute: as given"
         )
+        sets: Literal["per_network", "pooled"] = Field(
+            "per_network", description="per_network: one set per (network, layer); pooled: Ding et al.'s, one set "
+            "per layer over every network and rank, the best network at full rank as the reference")
 
     def _layers(self, context: Any, params: Any) -> list[str]:
         net = next(iter(context.networks.values()))
@@ -105,7 +126,8 @@ class DingSensitivity(DingTest):
             raise ValueError(f"ding_sensitivity.ranks must be >= 1, got {params.ranks}")
         sets = []
         layers = self._layers(context, params)
-        for network in select_networks(context, params.networks):
+        networks = select_networks(context, params.networks)
+        for network in networks:
             feats = network_features(context, network, moment_layers=layers)
             for layer in layers:
                 moments = feats.moments[layer]
@@ -115,7 +137,7 @@ class DingSensitivity(DingTest):
                 sets.append(RepSet(f"{network}/{layer}", reps,
                                    {"network": network, "layer": layer, "channels": channels, "ranks": ranks},
                                    low_rank=True))
-        return sets
+        return pool_by_layer(sets, layers) if params.sets == "pooled" else sets
 
     def summarise(self, results: list[SetResult], params: Any, seed: int) -> dict[str, dict]:
         out: dict[str, dict] = {}
@@ -135,11 +157,14 @@ class DingSensitivity(DingTest):
 
     def title(self, results: list[SetResult], params: Any) -> str:
         layers = list(dict.fromkeys(r.rset.meta["layer"] for r in results))
-        nets = list(dict.fromkeys(r.rset.meta["network"] for r in results))
+        nets = list(dict.fromkeys(n for r in results for n in r.rset.meta.get("networks", [r.rset.meta["network"]])))
         counts = sorted({len(r.rset.reps) for r in results})
+        pooled = any("networks" in r.rset.meta for r in results)
+        how = (f"one per layer ({', '.join(layers)}) pooling {len(nets)} network(s), the best at full rank as A"
+               if pooled else f"{len(nets)} network(s) x layers {', '.join(layers)}")
         return (
             "Ding et al.'s sensitivity test (Table 2): Kendall's τ and Spearman's ρ of |F(A) − F(B)| and d(A, B),\n"
-            f"mean over {len(results)} sets ({len(nets)} network(s) x layers {', '.join(layers)}), "
+            f"mean over {len(results)} sets ({how}), "
             f"{'/'.join(map(str, counts))} low-rank approximations each, full rank to 1"
         )
 

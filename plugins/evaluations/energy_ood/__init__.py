@@ -9,6 +9,10 @@ reused by key. Each detector then scores, for every cell (i, j) of every stitchi
 how well its energies separate the target activations g<=j(x) (in distribution, the
 positive class) from the stitched activations T(f<=i(x)) of the same test images: AUROC
 0.5 means the stitched representation is in distribution, 1.0 that it is fully separable.
+The paper's finding is read off the high-accuracy stitches: per matcher and scope, the mean
+AUROC and the fraction of AUROCs above `ood_auroc` over the off-diagonal cells whose
+relative accuracy reaches `high_accuracy_threshold`, and the correlation of relative
+accuracy with AUROC (`ood.high_accuracy.<matcher>.<scope>`).
 
 The package: `params` (the parameters), `detectors` (the detector networks), `training`
 (training one detector, as a task), `metrics` (energies, AUROC/AUPR/FPR@95), `analysis`

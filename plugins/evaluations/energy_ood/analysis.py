@@ -21,8 +21,16 @@ import stitchbench
 from stitchbench import EvaluationResult, MatrixRecord, RunContext
 
 from .detectors import detector_code_version, new_detector
-from .figures import fig1c, fig2
-from .metrics import detector_energies, diag_offdiag_means, energy, ood_scores, pooled_means
+from .figures import fig1c, fig2, fig_accuracy_vs_auroc
+from .metrics import (
+    HIGH_ACCURACY_KEYS,
+    detector_energies,
+    diag_offdiag_means,
+    energy,
+    high_accuracy_stats,
+    ood_scores,
+    pooled_means,
+)
 from .params import EnergyOODParams
 from .report import build_report, format_report, matrix_stem, ordered_measures
 from .training import ActivationSource, DetectorTask, LayerBatches, fits_in_memory, train_detector_task
@@ -318,6 +326,8 @@ class Analysis:
 
         measures = ordered_measures({r.record.plugin for r in results})
         summary, metrics, run_metrics = summarise(results, measures)
+        high = high_accuracy(results, measures, self.p.high_accuracy_threshold, self.p.ood_auroc)
+        metrics.update(high_accuracy_metrics(high))
         sanity = [d.sanity["auroc"] for d in self.detectors.values()]
         run_metrics["sanity_auroc.min"] = min(sanity)
         run_metrics["sanity_auroc.mean"] = float(np.mean(sanity))
@@ -326,8 +336,10 @@ class Analysis:
         run_metrics["seconds.detectors"] = t_detectors
 
         figures = self.figures(results, measures)
+        figures["ood_accuracy_vs_auroc"] = fig_accuracy_vs_auroc(
+            results, measures, high, self.p.high_accuracy_threshold, self.p.ood_auroc)
         report = build_report(results, summary, measures, self.aux_params(), list(self.detectors.values()),
-                              self.p.min_sanity_auroc)
+                              self.p.min_sanity_auroc, high, self.p.ood_auroc)
         run_metrics["seconds"] = time.perf_counter() - t0
         self.ctx.log_metrics(run_metrics)
         table = dict(report)
@@ -417,6 +429,34 @@ def summarise(results: list[MatrixResult], measures: list[str]
                 if math.isfinite(v):
                     (metrics if scope == "all" else run_metrics)[f"{prefix}.{part}"] = v
     return summary, metrics, run_metrics
+
+
+def high_accuracy(results: list[MatrixResult], measures: list[str], threshold: float, ood_auroc: float
+                  ) -> dict[str, dict[str, dict[str, Any]]]:
+    """The paper's conditional statistic (`high_accuracy_stats`) per matcher and scope
+    (intra, inter, and all: intra and inter pooled), over the off-diagonal cells of that
+    matcher's matrices of the scope: ``{matcher: {scope: {threshold, cells, mean_auroc,
+    fraction_ood, correlation}}}``, None where undefined."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for m in measures:
+        mine = [r for r in results if r.record.plugin == m]
+        out[m] = {}
+        for scope in ("intra", "inter", "all"):
+            sel = mine if scope == "all" else [r for r in mine if r.record.scope == scope]
+            if sel:
+                out[m][scope] = high_accuracy_stats([r.record.values for r in sel], [r.auroc for r in sel],
+                                                    threshold, ood_auroc)
+    return out
+
+
+def high_accuracy_metrics(high: dict[str, dict[str, dict[str, Any]]]) -> dict[str, float]:
+    """Parent-run metrics ``ood.high_accuracy.<matcher>.<scope>.<cells|mean_auroc|
+    fraction_ood|correlation>`` (NaN where undefined: the core leaves those out)."""
+    return {
+        f"ood.high_accuracy.{m}.{scope}.{k}": float("nan") if st[k] is None else float(st[k])
+        for m, scopes in high.items() for scope, st in scopes.items() for k in HIGH_ACCURACY_KEYS
+        if k != "threshold"
+    }
 
 
 def flat_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

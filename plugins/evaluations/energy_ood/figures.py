@@ -68,6 +68,60 @@ def fig2(results: list[MatrixResult], measures: list[str]) -> Any:
     return fig
 
 
+def fig_accuracy_vs_auroc(results: list[MatrixResult], measures: list[str],
+                          high: dict[str, dict[str, dict[str, Any]]], threshold: float, ood_auroc: float) -> Any:
+    """Relative accuracy (x) against OOD AUROC (y), one point per cell, one panel per
+    matcher side by side (TLM, then DM): off-diagonal cells of intra-network matrices as
+    circles, of inter-network ones as triangles; diagonal cells as small grey crosses (not
+    counted by the statistic). Dashed lines: the accuracy threshold and the AUROC cut; dotted:
+    AUROC 0.5 (in distribution). Each title gives the pooled statistic."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(measures), figsize=(4.2 * len(measures) + 0.4, 4.2), squeeze=False,
+                             sharey=True)
+    xs_all = [np.asarray(r.record.values, dtype=float) for r in results]
+    finite = np.concatenate([x[np.isfinite(x)] for x in xs_all]) if xs_all else np.empty(0)
+    x_lo = min(0.0, float(finite.min())) if finite.size else 0.0
+    x_hi = max(1.05, float(finite.max()) + 0.05) if finite.size else 1.05
+    for ax, m in zip(axes[0], measures, strict=True):
+        for scope, marker, colour in (("intra", "o", "tab:blue"), ("inter", "^", "tab:orange")):
+            sel = [r for r in results if r.record.plugin == m and r.record.scope == scope]
+            if not sel:
+                continue
+            acc = np.concatenate([np.asarray(r.record.values, dtype=float).reshape(-1) for r in sel])
+            auroc = np.concatenate([np.asarray(r.auroc, dtype=float).reshape(-1) for r in sel])
+            diag = np.concatenate([np.eye(len(r.record.layers), dtype=bool).reshape(-1) for r in sel])
+            ax.scatter(acc[~diag], auroc[~diag], s=16, marker=marker, color=colour, alpha=0.75,
+                       label=f"{scope}, off-diagonal")
+            ax.scatter(acc[diag], auroc[diag], s=14, marker="x" if scope == "intra" else "+", color="0.55",
+                       linewidths=0.8,
+                       label=f"{scope}, diagonal (not counted)")
+        ax.axvline(threshold, color="black", linestyle="--", linewidth=0.8)
+        ax.axhline(ood_auroc, color="tab:red", linestyle="--", linewidth=0.8)
+        ax.axhline(0.5, color="0.5", linestyle=":", linewidth=0.8)
+        ax.set_xlim(x_lo, x_hi)
+        ax.set_ylim(min(0.0, ax.get_ylim()[0]), 1.02)
+        ax.set_xlabel("relative accuracy")
+        st = high.get(m, {}).get("all")
+        title = m.upper()
+        if st is not None:
+            mean = "-" if st["mean_auroc"] is None else f"{st['mean_auroc']:.3f}"
+            frac = "-" if st["fraction_ood"] is None else f"{100 * st['fraction_ood']:.0f}%"
+            r = "-" if st["correlation"] is None else f"{st['correlation']:.2f}"
+            title += (f"\nacc >= {threshold:g}: {st['cells']} cells, mean AUROC {mean}, "
+                      f"{frac} > {ood_auroc:g}; r = {r}")
+        ax.set_title(title, fontsize=8)
+        ax.legend(fontsize=6, loc="lower left")
+    axes[0][0].set_ylabel("OOD AUROC  (0.5 = in distribution)")
+    fig.suptitle("Relative accuracy vs OOD AUROC of stitched representations, one point per cell", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def fig1c(res: MatrixResult, j: int, det: Detector, aux_name: str) -> Any:
     """Fig. 1c: energies of detector (target, layer j). Top: ID test activations vs held-out
     auxiliary OOD activations. Bottom: the stitched activations from every source layer

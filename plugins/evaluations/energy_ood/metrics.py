@@ -122,6 +122,66 @@ def pooled_means(mats: list[Any]) -> tuple[float, float]:
     return float(d.mean()), float(o.mean()) if o.size else float("nan")
 
 
+#: The keys of one high-accuracy statistic (``ood.high_accuracy.<matcher>.<scope>``).
+HIGH_ACCURACY_KEYS = ("threshold", "cells", "mean_auroc", "fraction_ood", "correlation")
+
+
+def offdiag_pairs(accuracy: list[Any], auroc: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(relative accuracy, AUROC) of every off-diagonal cell (i != j) of the paired square
+    matrices, concatenated in order; cells whose accuracy or AUROC is not finite are left
+    out."""
+    xs, ys = [], []
+    for a, r in zip(accuracy, auroc, strict=True):
+        a, r = np.asarray(a, dtype=np.float64), np.asarray(r, dtype=np.float64)
+        if a.shape != r.shape or a.ndim != 2 or a.shape[0] != a.shape[1]:
+            raise ValueError(f"expected two square matrices of one shape, got {a.shape} and {r.shape}")
+        off = ~np.eye(a.shape[0], dtype=bool)
+        xs.append(a[off])
+        ys.append(r[off])
+    x = np.concatenate(xs) if xs else np.empty(0)
+    y = np.concatenate(ys) if ys else np.empty(0)
+    ok = np.isfinite(x) & np.isfinite(y)
+    return x[ok], y[ok]
+
+
+def pearson(x: Any, y: Any) -> float | None:
+    """Pearson's r of ``x`` and ``y``; None when undefined (fewer than 2 pairs, or either
+    side constant)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.size < 2:
+        return None
+    dx, dy = x - x.mean(), y - y.mean()
+    sx, sy = float(np.sqrt(np.sum(dx * dx))), float(np.sqrt(np.sum(dy * dy)))
+    # constant (up to rounding) on either side: no correlation is defined
+    if sx <= 1e-12 * max(1.0, float(np.abs(x).max())) or sy <= 1e-12 * max(1.0, float(np.abs(y).max())):
+        return None
+    return float(np.clip(np.sum(dx * dy) / (sx * sy), -1.0, 1.0))
+
+
+def high_accuracy_stats(accuracy: list[Any], auroc: list[Any], threshold: float = 0.9,
+                        ood_auroc: float = 0.9) -> dict[str, Any]:
+    """The paper's conditional OOD statistic (Section 4) over the off-diagonal cells of the
+    paired matrices (relative accuracy, AUROC) of one matcher and scope:
+
+    - ``cells``: how many off-diagonal cells have relative accuracy >= ``threshold``;
+    - ``mean_auroc``: their mean AUROC;
+    - ``fraction_ood``: the fraction of them with AUROC > ``ood_auroc``;
+    - ``correlation``: Pearson's r of relative accuracy with AUROC over *every*
+      off-diagonal cell (not only the high-accuracy ones).
+
+    Undefined values (no cell above the threshold; fewer than two cells, or constant
+    values, for the correlation) are None."""
+    x, y = offdiag_pairs(accuracy, auroc)
+    high = y[x >= threshold]
+    return {
+        "threshold": float(threshold),
+        "cells": int(high.size),
+        "mean_auroc": float(high.mean()) if high.size else None,
+        "fraction_ood": float(np.mean(high > ood_auroc)) if high.size else None,
+        "correlation": pearson(x, y),
+    }
+
+
 def detector_energies(
     det: nn.Module, batches: Iterator[tuple[torch.Tensor, Any]], temperature: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -101,6 +101,14 @@ class EnergyOODParams(Params):
     min_sanity_auroc: float = Field(
         0.9, ge=0, le=1, description="warn when a detector separates ID from held-out auxiliary data worse than this"
     )
+    high_accuracy_threshold: float = Field(
+        0.9, description="relative accuracy from which an off-diagonal cell counts as a high-accuracy stitch "
+        "(the conditional statistic `ood.high_accuracy`)",
+    )
+    ood_auroc: float = Field(
+        0.9, ge=0, le=1,
+        description="a cell whose AUROC exceeds this counts as out of distribution (`fraction_ood`)",
+    )
     eval_batch_size: int = Field(256, ge=1)
     memory_limit_mb: int = Field(
         2048, ge=0, description="hold a split's activations (all layers) in memory up to this size, else stream them"
