@@ -203,6 +203,78 @@ def test_svhn_maps_10_to_0_and_keeps_pixel_layout(tmp_path):
         assert out.shape == x.shape and torch.all((marked - 9).abs() <= 4)
 
 
+def test_svhn_crop_augmentation_is_the_default_and_unchanged(tmp_path):
+    from stitchbench import random_crop_flip
+
+    write_svhn(tmp_path, "train_32x32.mat", [10, 1, 9, 10])
+    write_svhn(tmp_path, "test_32x32.mat", [3, 10])
+    assert stitchbench.get_plugin("svhn").Params().augmentation == "crop"
+    x = load("svhn", tmp_path).train.images
+    old = random_crop_flip(padding=4, flip=False)
+    for ds in (load("svhn", tmp_path), load("svhn", tmp_path, augmentation="crop")):
+        for seed in range(3):
+            expected = old(x, torch.Generator().manual_seed(seed))
+            assert torch.equal(ds.augment(x, torch.Generator().manual_seed(seed)), expected)
+    with pytest.raises(Exception, match="augmentation"):
+        load("svhn", tmp_path, augmentation="flip")
+
+
+def test_svhn_authors_augmentation_is_seeded_unflipped_and_copies_pixels(tmp_path):
+    from stitchbench_plugins.datasets.svhn import authors_augment
+
+    write_svhn(tmp_path, "train_32x32.mat", [10, 1, 9, 10] * 8)
+    write_svhn(tmp_path, "test_32x32.mat", [3, 10])
+    ds = load("svhn", tmp_path, augmentation="authors")
+    assert ds.augment is authors_augment
+    x = ds.train.images
+    a = ds.augment(x, torch.Generator().manual_seed(0))
+    assert a.shape == x.shape and a.dtype == x.dtype
+    assert torch.equal(a, ds.augment(x, torch.Generator().manual_seed(0)))  # repeatable
+    assert not torch.equal(a, ds.augment(x, torch.Generator().manual_seed(1)))
+    assert not torch.equal(a, x)
+    # Nearest neighbour over edge padding: every output pixel is a pixel of its own image or
+    # the fill 0; images of constant value n (except the marked pixel) stay n near the middle.
+    for i in range(len(x)):
+        assert set(a[i].unique().tolist()) <= set(x[i].unique().tolist()) | {0.0}
+        assert torch.all(a[i, :, 8:24, 8:24][a[i, :, 8:24, 8:24] != 250 / 255] == i / 255)
+    # No flip: the marked pixel (column 9) moves by at most a few pixels (a flip sends it to 22).
+    for seed in range(5):
+        out = ds.augment(x, torch.Generator().manual_seed(seed))
+        marked = (out == 250 / 255).nonzero()
+        assert len(marked) and torch.all((marked[:, 3] - 9).abs() <= 4) and torch.all((marked[:, 2] - 3).abs() <= 4)
+
+
+def test_svhn_authors_augmentation_matches_torchvision():
+    """Each image is the authors' Compose(Pad(4, 'edge'), RandomAffine(5, scale=(0.9, 1.1),
+    shear=5, fill=0), CenterCrop(32)) at the parameters drawn: pixel for pixel as torchvision
+    computes it on a tensor, and all but a few rounding ties as it computes it on the PIL image."""
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+    from stitchbench_plugins.datasets.svhn import authors_affine, authors_affine_params
+    from torchvision import transforms as T
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (16, 3, 32, 32), generator=g).float() / 255
+    angle, scale, shear = authors_affine_params(2000, torch.Generator().manual_seed(1))
+    assert angle.abs().max() <= 5 and shear.abs().max() <= 5 and 0.9 <= scale.min() and scale.max() <= 1.1
+    assert angle.abs().max() > 4.9 and shear.abs().max() > 4.9 and scale.min() < 0.91 and scale.max() > 1.09
+    angle, scale, shear = authors_affine_params(16, torch.Generator().manual_seed(2))
+    out = authors_affine(x, angle, scale, shear)
+    same_as_pil = 0.0
+    for i in range(len(x)):
+        params = {"angle": float(angle[i]), "translate": [0, 0], "scale": float(scale[i])}
+        params["shear"] = [float(shear[i]), 0.0]
+        tv = TF.center_crop(TF.affine(TF.pad(x[i], 4, padding_mode="edge"), **params, fill=[0.0] * 3), 32)
+        assert torch.equal(out[i], tv)
+        pil = Image.fromarray((x[i] * 255).round().byte().permute(1, 2, 0).numpy())
+        ref = T.CenterCrop(32)(TF.affine(T.Pad(4, padding_mode="edge")(pil), **params, fill=0))
+        same_as_pil += (TF.to_tensor(ref) == out[i]).float().mean().item() / len(x)
+    assert same_as_pil > 0.995
+    # The identity parameters give the image back.
+    ones = torch.ones(len(x), dtype=torch.float64)
+    assert torch.equal(authors_affine(x, 0 * ones, ones, 0 * ones), x)
+
+
 def test_svhn_reader_agrees_with_torchvision(tmp_path, monkeypatch):
     import torchvision.datasets.svhn as tv_svhn
     from torchvision.transforms import ToTensor
