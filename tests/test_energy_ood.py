@@ -11,6 +11,7 @@ import pytest
 import torch
 from scipy.special import logsumexp
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from stitchbench_plugins.evaluations.energy_ood import training
 from stitchbench_plugins.evaluations.energy_ood.analysis import high_accuracy_metrics
 from stitchbench_plugins.evaluations.energy_ood.detectors import build_detector
 from stitchbench_plugins.evaluations.energy_ood.metrics import (
@@ -20,11 +21,15 @@ from stitchbench_plugins.evaluations.energy_ood.metrics import (
     high_accuracy_stats,
     ood_scores,
 )
+from stitchbench_plugins.evaluations.energy_ood.params import EnergyOODParams
 from stitchbench_plugins.evaluations.energy_ood.report import format_high_accuracy
 from stitchbench_plugins.evaluations.energy_ood.training import (
+    DisjointSubsets,
     LayerBatches,
     energy_margin_loss,
     finetune,
+    finetune_optimizer,
+    finetune_settings,
     pretrain,
 )
 
@@ -209,6 +214,119 @@ def test_finetuned_detector_separates_id_from_auxiliary_data(shape, settings):
     assert ood_scores(e_id, e_ood).auroc > 0.95
 
 
+# -- fine-tuning recipes: Liu et al.'s and the authors' -----------------------------------------
+
+
+def test_authors_recipe_optimizer_and_schedule():
+    # exec_train_representation_classifier.py: Adam(lr, weight_decay), MultiStepLR([epochs // 2], 0.1)
+    det = torch.nn.Linear(4, 3)
+    opt, sched = finetune_optimizer(det.parameters(), recipe="authors", epochs=20, steps_per_epoch=9375,
+                                    lr=1e-3, weight_decay=1e-5, optimizer="sgd", momentum=0.9)
+    assert type(opt) is torch.optim.Adam
+    assert opt.param_groups[0]["lr"] == 1e-3 and opt.param_groups[0]["weight_decay"] == 1e-5
+    assert isinstance(sched, torch.optim.lr_scheduler.MultiStepLR)
+    assert dict(sched.milestones) == {10: 1} and sched.gamma == 0.1  # iteration 10, not epoch 10
+    # the recipe's settings: Adam with pre-training's lr and weight decay, the batch halved
+    p = EnergyOODParams.model_validate({"pretrain": {"batch_size": 64, "lr": 2e-3, "weight_decay": 3e-5},
+                                        "finetune": {"recipe": "authors", "lr": 0.5, "weight_decay": 0.1}})
+    ft = finetune_settings(p)
+    assert (ft["optimizer"], ft["lr"], ft["weight_decay"]) == ("adam", 2e-3, 3e-5)
+    assert (ft["batch_size"], ft["aux_batch_size"], ft["recipe"]) == (32, 32, "authors")
+    assert (ft["id_augment"], ft["aux_augment"]) == (False, True)
+    p = EnergyOODParams.model_validate({"finetune": {"recipe": "authors", "batch_size": 512}})
+    assert finetune_settings(p)["batch_size"] == finetune_settings(p)["aux_batch_size"] == 256
+
+
+def test_liu_recipe_is_the_default_and_unchanged():
+    p = EnergyOODParams()
+    assert p.finetune.recipe == "liu"
+    ft = finetune_settings(p)
+    assert ft == {"epochs": 20, "m_in": -25.0, "m_out": -7.0, "weight": 0.1, "freeze_batchnorm": False,
+                  "recipe": "liu", "batch_size": 64, "aux_batch_size": None, "optimizer": "sgd", "lr": 1e-3,
+                  "weight_decay": 5e-4, "momentum": 0.9, "id_augment": True, "aux_augment": False}
+    det = torch.nn.Linear(4, 3)
+    opt, sched = finetune_optimizer(det.parameters(), recipe="liu", epochs=2, steps_per_epoch=5,
+                                    lr=1e-3, weight_decay=5e-4, optimizer="sgd", momentum=0.9)
+    assert type(opt) is torch.optim.SGD and opt.param_groups[0]["nesterov"]
+    assert opt.param_groups[0]["momentum"] == 0.9 and opt.param_groups[0]["weight_decay"] == 5e-4
+    assert isinstance(sched, torch.optim.lr_scheduler.LambdaLR)
+
+
+def _record_lrs(monkeypatch):
+    """The learning rate of every optimizer step `finetune` takes."""
+    lrs = []
+
+    def recording(*args, **kwargs):
+        opt, sched = finetune_optimizer(*args, **kwargs)
+        step = sched.step
+
+        def logged_step(*a, **k):  # right after an optimizer step: the lr it used
+            lrs.append(opt.param_groups[0]["lr"])
+            return step(*a, **k)
+
+        sched.step = logged_step
+        return opt, sched
+
+    monkeypatch.setattr(training, "finetune_optimizer", recording)
+    return lrs
+
+
+def _tiny_sets(n_id, n_aux):
+    x, y = _toy((4,), n_id, 0)
+    xo, _ = _toy((4,), n_aux, 1, shift=2.0)
+    cpu = torch.device("cpu")
+    return LayerBatches("l", y, cpu, acts=x), LayerBatches("l", torch.zeros(n_aux, dtype=torch.long), cpu, acts=xo)
+
+
+def test_authors_recipe_steps_the_schedule_per_iteration(monkeypatch):
+    lrs = _record_lrs(monkeypatch)
+    train, aux = _tiny_sets(10, 20)
+    # an epoch: min(10, 20) = 10 examples of each, batches of 2 + 2: 5 iterations; 4 epochs: milestone 2
+    finetune(torch.nn.Linear(4, 3), train, aux, epochs=4, batch_size=2, aux_batch_size=2, lr=1e-3,
+             weight_decay=1e-5, m_in=-25.0, m_out=-7.0, weight=0.1, generator=torch.Generator().manual_seed(0),
+             optimizer="adam", recipe="authors")
+    assert len(lrs) == 20
+    assert lrs[:2] == [1e-3, 1e-3]
+    assert np.allclose(lrs[2:], 1e-4)
+
+
+def test_liu_recipe_keeps_its_cosine_schedule(monkeypatch):
+    lrs = _record_lrs(monkeypatch)
+    train, aux = _tiny_sets(10, 6)
+    finetune(torch.nn.Linear(4, 3), train, aux, epochs=2, batch_size=4, lr=1e-3, weight_decay=5e-4,
+             m_in=-25.0, m_out=-7.0, weight=0.1, generator=torch.Generator().manual_seed(0))
+    steps = 2 * 3  # an epoch is a pass over the 10 ID examples, the auxiliary set cycled
+    assert np.allclose(lrs, [1e-3 * 0.5 * (1 + np.cos(np.pi * s / steps)) for s in range(steps)])
+
+
+def test_disjoint_subsets_as_the_authors_sampler():
+    subsets = DisjointSubsets(10, 4, torch.Generator().manual_seed(0))
+    first = [subsets.next() for _ in range(3)]
+    assert [len(s) for s in first] == [4, 4, 2]  # the permutation is used up, its last subset short
+    assert sorted(torch.cat(first).tolist()) == list(range(10))
+    assert len(subsets.next()) == 4  # a new permutation
+    exact = DisjointSubsets(6, 3, torch.Generator().manual_seed(0))
+    assert sorted(torch.cat([exact.next(), exact.next()]).tolist()) == list(range(6))
+
+
+def test_authors_recipe_takes_disjoint_subsets_of_both_sets():
+    train, aux = _tiny_sets(6, 12)
+    seen = {"id": [], "aux": []}
+
+    class Spy(LayerBatches):
+        def batches(self, batch_size, *, order=None, **kwargs):
+            seen[self.layer].append(order.tolist())
+            return super().batches(batch_size, order=order, **kwargs)
+
+    train = Spy("id", train.labels, train.device, acts=train.acts)
+    aux = Spy("aux", aux.labels, aux.device, acts=aux.acts)
+    finetune(torch.nn.Linear(4, 3), train, aux, epochs=2, batch_size=3, aux_batch_size=3, lr=1e-3,
+             weight_decay=1e-5, m_in=-25.0, m_out=-7.0, weight=0.1, generator=torch.Generator().manual_seed(0),
+             optimizer="adam", recipe="authors")
+    assert [sorted(o) for o in seen["id"]] == [list(range(6))] * 2  # every epoch the whole (smaller) ID set
+    assert sorted(seen["aux"][0] + seen["aux"][1]) == list(range(12))  # 6 of 12 per epoch, disjoint
+
+
 def test_conv_detector_upsamples_when_asked():
     det = build_detector((6, 2, 2), 4, {"width": 4, "stages": 2, "blocks": 1, "upsample_to": 8}, {})
     seen = []
@@ -335,11 +453,13 @@ class Recording(LocalExecutor):
         return super().submit(fn, *args, label=label, resources=resources)
 
 
-def test_stitched_activations_go_through_the_stitching_layer(workspace):
+@pytest.mark.parametrize("recipe", ["liu", "authors"])
+def test_stitched_activations_go_through_the_stitching_layer(workspace, recipe):
     """In process: an identity stitcher gives AUROC 0.5 on the diagonal (the detector sees
     exactly the target activations); a stitcher that adds a large offset to every channel
     makes the two sets separable (AUROC far from 0.5, in whichever direction the energies
-    move)."""
+    move). With either fine-tuning recipe (the authors': augmented auxiliary images,
+    streamed through the network)."""
     import stitchbench
     from stitchbench import JobRun, MatrixRecord, RunContext, StitchingLayer
     from stitchbench.nn.activations import ActivationCache
@@ -378,7 +498,7 @@ def test_stitched_activations_go_through_the_stitching_layer(workspace):
          # what is checked needs no well-trained detector: the identity stitcher gives the
          # detector exactly the target activations, the offset one activations far from them
          "pretrain": {"epochs": 1, "batch_size": 128, "lr": 0.003},
-         "finetune": {"epochs": 1, "batch_size": 128, "optimizer": "sgd", "lr": 0.03}})
+         "finetune": {"epochs": 1, "batch_size": 128, "optimizer": "sgd", "lr": 0.03, "recipe": recipe}})
     exp = connection.experiment_id(mlflow.MlflowClient(), "inproc", workspace)
     with mlflow.start_run(experiment_id=exp) as run:
         ctx = ctx.for_evaluation("energy_ood", JobRun(run.info.run_id, "evaluation energy_ood", None))

@@ -29,6 +29,8 @@ def test_paper_presets_select_the_authors_switches_and_the_dry_run_shows_them(pr
         assert "dm_struct: reduction=per_batch, cutoff=authors" in text
     if "ding_sensitivity" in uses:
         assert uses["ding_sensitivity"].params.sets == "pooled" and "sets=pooled" in text
+    if "energy_ood" in uses:
+        assert uses["energy_ood"].params.finetune.recipe == "authors" and "finetune.recipe=authors" in text
     if plan.dataset.name == "svhn":
         assert plan.dataset.params.augmentation == "authors" and "svhn: augmentation=authors" in text
     if plan.architecture.name == "resnet18":

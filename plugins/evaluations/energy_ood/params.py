@@ -52,16 +52,33 @@ class PretrainParams(Params):
 
 
 class FinetuneParams(Params):
-    """Energy-margin fine-tuning (Liu et al. 2020) with auxiliary OOD activations."""
+    """Energy-margin fine-tuning (Liu et al. 2020) with auxiliary OOD activations.
 
+    ``recipe`` picks the optimisation: ``liu`` (Liu et al.'s: the optimizer fields below,
+    cosine schedule, an epoch is a pass over the ID set) or ``authors`` (the authors'
+    ``exec_train_representation_classifier.py``: Adam with pre-training's lr and weight
+    decay, MultiStepLR x0.1 at iteration ``epochs // 2`` stepped per iteration, batches of
+    half ``batch_size`` ID + half auxiliary, an epoch of ``min(#ID, #aux)`` examples of each
+    in disjoint subsets, unaugmented ID and flipped/cropped auxiliary images); see docs/ood.md.
+    """
+
+    recipe: Literal["liu", "authors"] = Field(
+        "liu",
+        description="liu: Liu et al.'s SGD + cosine schedule; authors: the authors' Adam + per-iteration "
+        "MultiStepLR, half/half batches, epoch of min(#ID, #aux) (ignores optimizer, lr, momentum, "
+        "weight_decay, aux_batch_size)",
+    )
     epochs: int = Field(20, ge=0)
     m_in: float = Field(-25.0, description="margin: in-distribution energies are pushed below it")
     m_out: float = Field(-7.0, description="margin: auxiliary OOD energies are pushed above it")
     weight: float = Field(0.1, ge=0, description="weight of the energy-margin term")
-    batch_size: int | None = Field(None, ge=1, description="ID batch size (null: pretrain.batch_size)")
+    batch_size: int | None = Field(
+        None, ge=1,
+        description="ID batch size (null: pretrain.batch_size); recipe authors: the combined batch, half ID, half auxiliary",
+    )
     aux_batch_size: int | None = Field(None, ge=1, description="auxiliary batch size (null: the ID batch size)")
     optimizer: Literal["sgd", "adam"] = Field("sgd", description="Liu et al.: SGD, Nesterov momentum 0.9")
-    lr: float = Field(1e-3, gt=0, description="initial learning rate (cosine schedule to 0)")
+    lr: float = Field(1e-3, gt=0, description="initial learning rate (cosine schedule to 0); recipe liu only")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD only")
     weight_decay: float = Field(5e-4, ge=0)
     freeze_batchnorm: bool = Field(
