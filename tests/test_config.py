@@ -149,3 +149,15 @@ def test_config_command_prints_a_resolved_preset(workspace):
     assert data["networks"]["architecture"]["name"] == "vit_tiny" and data["networks"]["count"] == 10
     p = cli("presets", cwd=workspace)
     assert p.returncode == 0 and "paper-ding-svhn-vit" in p.stdout
+
+
+def test_a_closed_pipe_ends_a_command_quietly(tmp_path):
+    """`stitchbench presets | head -1`: no traceback when the reader stops early."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("stitchbench")
+    p = subprocess.run(f"'{exe}' presets | head -1", shell=True, cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120, check=False)
+    assert p.stdout.count("\n") == 1 and "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr

@@ -132,13 +132,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     # are marked KILLED, finished jobs stay reusable, exit status 130.
     previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
-        return int(handler(args) or 0)
+        code = int(handler(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below, not at exit
+        return code
     except StitchbenchError as e:
         return _fail(e, args.verbose)
     except KeyboardInterrupt:
         print("stitchbench: interrupted; finished jobs are kept and will be reused by the same command",
               file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # the reader went away (`stitchbench presets | head`): stop quietly, as `cat` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as e:
         from ..store.runs import is_storage_error
 
