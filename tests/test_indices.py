@@ -733,6 +733,9 @@ def test_dm_struct_solves_with_the_cutoff_it_is_given():
     y = rng.normal(size=(30, 3, 2, 2))
     idx, dm = stitchbench.get_plugin("dm_struct"), stitchbench.get_plugin("dm")
     X, Y = torch.from_numpy(x), torch.from_numpy(y)
+    values = {}
     for cutoff in ("exact", "authors"):
         T = dm.fit_activations(X, Y, dm.Params(cutoff=cutoff))
-        assert idx.compute(x, y, params={"cutoff": cutoff}) == pytest.approx(normalised_error(T, X, Y), rel=1e-12)
+        values[cutoff] = idx.compute(x, y, params={"cutoff": cutoff})
+        assert values[cutoff] == pytest.approx(normalised_error(T, X, Y), rel=1e-12)
+    assert values["exact"] != pytest.approx(values["authors"], rel=1e-9)  # the case tells the two apart

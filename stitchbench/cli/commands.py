@@ -321,32 +321,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def _compare_param_assignments(assignments: list[str]) -> dict[str, tuple[dict[str, Any], list[str]]]:
     """``--param NAME.KEY=VALUE`` flags grouped by index NAME: the raw (unvalidated)
-    parameters, nested along dotted keys, with values parsed as YAML as ``--set`` parses
-    them, and the flags that gave them (for messages)."""
-    import yaml
+    parameters, nested along dotted keys and parsed as ``--set`` parses them
+    (`apply_override`), and the flags that gave them (for messages)."""
+    from ..run.config import apply_override
 
-    out: dict[str, tuple[dict[str, Any], list[str]]] = {}
+    raw: dict[str, Any] = {}
+    flags: dict[str, list[str]] = {}
     for assignment in assignments:
         flag = f"--param {assignment}"
-        key, sep, raw = assignment.partition("=")
+        key, sep, _ = assignment.partition("=")
         parts = [p.strip() for p in key.split(".")]
         if not sep or len(parts) < 2 or not all(parts):
             raise UsageError(f"{flag}: expected NAME.KEY=VALUE (an index name, one of its parameters and a value), "
                              "e.g. --param pwcca.arrangement=pooled")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        name, *path = parts
-        node, flags = out.setdefault(name, ({}, []))
-        flags.append(flag)
-        for part in path[:-1]:
-            nxt = node.setdefault(part, {})
-            if not isinstance(nxt, dict):
-                raise UsageError(f"{flag}: {name}.{part} was given a value ({nxt!r}), not parameters")
-            node = nxt
-        node[path[-1]] = value
-    return out
+            apply_override(raw, assignment)
+        except UsageError as e:
+            raise UsageError(f"{flag}: {str(e).split(': ', 1)[-1]}") from None
+        flags.setdefault(parts[0], []).append(flag)
+    return {name: (raw[name], flags[name]) for name in flags}
 
 
 def _compare_params(index: Any, raw: dict[str, Any], flags: list[str]) -> Any:

@@ -32,14 +32,21 @@ def accepts_params(method: Any) -> bool:
     return any(p.name == "params" or p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
 
 
+def real_number(plugin: Any, method: str, value: Any) -> float:
+    """``value`` (a Python, numpy or one-element torch number) as a float, possibly NaN or
+    infinite; a PluginError naming ``plugin`` and ``method`` when it is not one real number."""
+    arr = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
+    if arr.size != 1 or arr.dtype.kind not in "biuf":
+        raise PluginError(getattr(plugin, "name", str(plugin)),
+                          f"{method} returned {_describe(value)}; expected one real number (a float)")
+    return float(arr.reshape(()))
+
+
 def finite_float(plugin: Any, method: str, value: Any) -> float:
     """``value`` as a float, or a PluginError naming ``plugin`` and ``method`` when it is not
     one real, finite number."""
     name = getattr(plugin, "name", str(plugin))
-    arr = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
-    if arr.size != 1 or arr.dtype.kind not in "biuf":
-        raise PluginError(name, f"{method} returned {_describe(value)}; expected one real number (a float)")
-    out = float(arr.reshape(()))
+    out = real_number(plugin, method, value)
     if not math.isfinite(out):
         raise PluginError(name, f"{method} returned {out}; expected a finite number (a NaN or an infinity usually "
                           "means degenerate input, e.g. a constant activation: raise a ValueError saying so instead)")
@@ -125,10 +132,7 @@ def evaluation_result(evaluation: Any, result: Any) -> Any:
     for k, v in (result.metrics or {}).items():
         if not isinstance(k, str) or not k:
             raise PluginError(evaluation.name, f"run() returned a metric named {k!r}; metric names are strings")
-        arr = np.asarray(v.detach().cpu() if hasattr(v, "detach") else v)
-        if arr.size != 1 or arr.dtype.kind not in "biuf":
-            raise PluginError(evaluation.name, f"run() returned metric {k!r} = {_describe(v)}; expected a number")
-        value = float(arr.reshape(()))
+        value = real_number(evaluation, f"run() metric {k!r}", v)
         if math.isfinite(value):
             metrics[k] = value
         else:
